@@ -1,0 +1,64 @@
+"""The ``nnunet-pvs`` command: one subcommand per feature, each in its own module.
+
+A subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
+imported only when their subcommand runs, so ``nnunet-pvs env`` stays fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Keep in the order a user meets them.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("nnunet_pvs.plugin_env", "print the shell export that lets stock nnU-Net find our trainers"),
+    "evaluate": ("nnunet_pvs.evaluation.cli_evaluate", "PVS metrics of predictions vs reference labels: voxel, cluster, HD95, sweeps, regions"),
+    "evaluate-cohort": ("nnunet_pvs.evaluation.cli_cohort", "cohort statistics of PVS cluster counts: visual counts, ratings, two-cohort KS test"),
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear line, exit code 2, no traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet-pvs",
+        description="Perivascular-space segmentation on top of stock nnU-Net v2. "
+        'Start with: eval "$(nnunet-pvs env)"',
+    )
+    p.add_argument("--version", action="version", version=_version())
+    return p
+
+
+def _version() -> str:
+    from nnunet_pvs import __version__
+
+    return f"nnunet-pvs {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sp)
+            sp.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        print(f"nnunet-pvs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data transforms used by our trainers (batchgeneratorsv2 API)."""

@@ -1,0 +1,47 @@
+"""Shared test fixtures: isolated nnU-Net folders and a runner for the real command-line tools."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """nnU-Net's three folders inside tmp_path, our trainers on ``nnUNet_extTrainer``, one process.
+
+    Returns the environment dict to hand to subprocesses; it is also applied to os.environ.
+    """
+    from nnunet_pvs.plugin_env import ext_trainer_value
+
+    dirs = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for k, d in dirs.items():
+        d.mkdir()
+        monkeypatch.setenv(k, str(d))
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(""))
+    monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # 0 breaks nnU-Net 2.8.1 planning (set_num_threads(0))
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    monkeypatch.setenv("nnUNet_compile", "f")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(os.environ)
+    env["_dirs"] = ""  # marker so callers can tell this env came from the fixture
+    return {"env": env, **{k: Path(v) for k, v in dirs.items()}}
+
+
+def run_cli(args: list[str], env: dict | None = None, check: bool = True, timeout: int = 1200,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run a command as a user would type it; on unexpected failure show its output."""
+    proc = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} exited {proc.returncode}\n--- stdout ---\n"
+            f"{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
