@@ -1,0 +1,63 @@
+"""Region masks for region-wise evaluation (Boutinaud et al. 2021: basal ganglia vs deep white matter).
+
+Per case, ``REGION_DIR`` holds either ``CASE.nii.gz``, a FreeSurfer/SynthSeg label map in aseg
+numbering (or a plain 0/1 mask, then named ``mask``), and/or ``CASE_<name>.nii.gz`` binary masks
+(for instance the slice masks used for visual counts), each becoming region ``<name>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nnunet_pvs.cli import UserError
+from nnunet_pvs.evaluation.io import NIFTI_SUFFIXES, Volume, as_binary, read_nifti
+
+# aseg labels: thalamus, caudate, putamen, pallidum, accumbens, left (10-13, 26) and right (49-52, 58)
+ASEG_BASAL_GANGLIA = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)
+# cerebral white matter, left and right (the basal ganglia are separate labels in aseg)
+ASEG_WHITE_MATTER = (2, 41)
+
+
+def masks_from_label_map(data: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"mask": ...}`` for a 0/1 map, else ``{"bg": ..., "wm": ...}`` from aseg numbering."""
+    values = np.unique(data)
+    if np.isin(values, (0, 1)).all():
+        return {"mask": data == 1}
+    return {"bg": np.isin(data, ASEG_BASAL_GANGLIA), "wm": np.isin(data, ASEG_WHITE_MATTER)}
+
+
+def region_files(region_dir: Path, case: str) -> list[tuple[str | None, Path]]:
+    """(name or None for a label map, path) of the region files of one case."""
+    out = []
+    for p in sorted(Path(region_dir).iterdir()):
+        for suf in NIFTI_SUFFIXES:
+            if not p.name.endswith(suf):
+                continue
+            stem = p.name[: -len(suf)]
+            if stem == case:
+                out.append((None, p))
+            elif stem.startswith(case + "_"):
+                out.append((stem[len(case) + 1:], p))
+            break
+    return out
+
+
+def load_regions(region_dir: Path, case: str) -> list[tuple[str, np.ndarray, Volume, Path]]:
+    """(name, mask, volume, path) for each region of the case; no file is a user error."""
+    files = region_files(region_dir, case)
+    if not files:
+        raise UserError(f"{case}: no region file {case}.nii.gz or {case}_<name>.nii.gz in {region_dir}")
+    out = []
+    for name, path in files:
+        vol = read_nifti(path, case, "region map")
+        if name is None:
+            for rname, m in masks_from_label_map(vol.data).items():
+                out.append((rname, m, vol, path))
+        else:
+            out.append((name, as_binary(vol.data, case, "region mask", path), vol, path))
+    names = [n for n, *_ in out]
+    if len(set(names)) != len(names) or "whole" in names:
+        raise UserError(f"{case}: region names {names} in {region_dir} repeat or use the reserved name 'whole'")
+    return out

@@ -1,0 +1,86 @@
+"""Cohort statistics against independent implementations and hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
+from nnunet_pvs.evaluation.sweeps import parse_range, pool_cluster_sizes
+
+
+def test_count_clusters_with_size_filter():
+    m = np.zeros((10, 10, 10), bool)
+    m[1, 1, 1] = True                    # 1 voxel
+    m[5, 5, 0:3] = True                  # 3 voxels
+    m[8, 0:6, 8] = True                  # 6 voxels
+    m[3, 3, 3] = m[4, 4, 4] = True       # 2 voxels with 26-connectivity, two singles with 6
+    assert count_clusters(m, 26, (0, 1, 2, 3, 6)) == {0: 4, 1: 3, 2: 2, 3: 1, 6: 0}
+    assert count_clusters(m, 6, (0, 1)) == {0: 5, 1: 2}
+
+
+def test_ordinal_logistic_two_levels_equals_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(50, 20, 400)
+    y = (rng.random(400) < 1 / (1 + np.exp(-(0.05 * x - 2.5)))).astype(int)
+    res = ordinal_logistic(x, y)
+    ref = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10000).fit(x[:, None], y)
+    assert res["beta"] == pytest.approx(ref.coef_[0, 0], rel=1e-4)
+    assert res["cutpoints"][0] == pytest.approx(-ref.intercept_[0], rel=1e-4)
+    # McFadden R^2 and LR test from the fitted probabilities, computed here by hand
+    p1 = ref.predict_proba(x[:, None])[:, 1]
+    ll = np.sum(y * np.log(p1) + (1 - y) * np.log(1 - p1))
+    f = y.mean()
+    ll0 = len(y) * (f * np.log(f) + (1 - f) * np.log(1 - f))
+    assert res["mcfadden_r2"] == pytest.approx(1 - ll / ll0, rel=1e-5)
+    assert res["p"] == pytest.approx(stats.chi2.sf(2 * (ll - ll0), 1), rel=1e-3)
+
+
+def test_ordinal_logistic_four_levels_recovers_the_slope():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 100, 3000)
+    latent = 0.08 * x + rng.logistic(size=len(x))
+    y = np.digitize(latent, [2.0, 4.0, 6.0]) + 1          # ratings 1..4
+    res = ordinal_logistic(x, y)
+    assert res["levels"] == [1, 2, 3, 4]
+    assert res["beta"] == pytest.approx(0.08, rel=0.1)
+    assert res["cutpoints"] == pytest.approx([2.0, 4.0, 6.0], abs=0.35)
+    assert res["p"] < 1e-10 and 0.2 < res["mcfadden_r2"] < 1
+    noise = ordinal_logistic(rng.uniform(0, 100, 300), rng.integers(1, 5, 300))
+    assert noise["mcfadden_r2"] < 0.02 and noise["p"] > 0.001
+    assert math.isnan(ordinal_logistic([1, 2, 3], [1, 1, 1])["beta"])
+
+
+def test_spearman_and_ks():
+    assert spearman([1, 2, 3, 4], [10, 20, 25, 40])["spearman_r"] == pytest.approx(1.0)
+    r = spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])
+    assert r["spearman_r"] == pytest.approx(stats.spearmanr([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]).statistic)
+    assert math.isnan(spearman([1, 2], [3, 4])["spearman_r"])
+    # D = largest gap between the empirical CDFs: {1,2,3} vs {3,4,5} -> at x = 2.x, 2/3 - 0
+    ks = ks_two_samples([1, 2, 3], [3, 4, 5])
+    assert ks["ks_statistic"] == pytest.approx(2 / 3)
+    assert ks["p"] == pytest.approx(stats.ks_2samp([1, 2, 3], [3, 4, 5]).pvalue)
+
+
+def test_parse_range_and_pooling():
+    assert parse_range("0.1:0.9:0.1") == tuple(round(0.1 * i, 10) for i in range(1, 10))
+    assert parse_range("0:15", int) == tuple(range(16))
+    assert parse_range("5,0,5", int) == (0, 5)
+    with pytest.raises(ValueError):
+        parse_range("1.5", int)
+    import pandas as pd
+
+    rows = pd.DataFrame([
+        dict(region="whole", threshold=0.5, min_cluster_size=0, tpr_tp=3, tpr_fn=1, tpr_n_pred=4,
+             n_ref_clusters_kept=4, ppv_tp=3, ppv_fp=1, ppv_n_ref=4, n_pred_clusters_kept=4),
+        dict(region="whole", threshold=0.5, min_cluster_size=0, tpr_tp=1, tpr_fn=3, tpr_n_pred=1,
+             n_ref_clusters_kept=4, ppv_tp=1, ppv_fp=0, ppv_n_ref=4, n_pred_clusters_kept=1),
+    ])
+    p = pool_cluster_sizes(rows).iloc[0]
+    assert p["cluster_tpr"] == pytest.approx(4 / 8) and p["cluster_ppv"] == pytest.approx(4 / 5)
+    assert p["cluster_dice"] == pytest.approx(2 * 0.5 * 0.8 / 1.3)
