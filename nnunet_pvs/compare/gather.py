@@ -1,0 +1,213 @@
+"""Finding each model's results in ``nnUNet_results``: folds complete, missing or still training.
+
+nnU-Net v2 writes one folder per model, ``nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<config>``,
+with ``fold_N/checkpoint_final.pth`` once training finished and ``fold_N/validation/`` holding the
+fold's cross-validation predictions plus ``summary.json`` once validation finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnunet_pvs.cli import UserError
+from nnunet_pvs.evaluation import io
+
+DEFAULT_PLANS = "nnUNetPlans"
+NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model: ``Trainer:config`` or ``Trainer:config:Plans``."""
+
+    trainer: str
+    config: str
+    plans: str = DEFAULT_PLANS
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelSpec":
+        parts = text.split(":")
+        if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+            raise UserError(f"model '{text}': expected Trainer:config or Trainer:config:Plans "
+                            "(e.g. nnUNetTrainer:3d_fullres)")
+        return cls(*(p.strip() for p in parts))
+
+    @property
+    def label(self) -> str:
+        base = f"{self.trainer}:{self.config}"
+        return base if self.plans == DEFAULT_PLANS else f"{base}:{self.plans}"
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.trainer}__{self.plans}__{self.config}"
+
+
+@dataclass
+class FoldStatus:
+    fold: int
+    status: str          # complete | missing | still training | validation missing
+    reason: str = ""
+
+
+@dataclass
+class ModelResults:
+    spec: ModelSpec
+    folder: Path
+    folds: list[FoldStatus] = field(default_factory=list)
+
+    @property
+    def incomplete(self) -> list[FoldStatus]:
+        return [f for f in self.folds if f.status != "complete"]
+
+    @property
+    def complete(self) -> bool:
+        return not self.incomplete
+
+    def describe_incomplete(self) -> str:
+        """One line such as ``fold 4 missing; fold 2 still training (no checkpoint_final.pth)``."""
+        if not self.folder.is_dir():
+            return f"not trained (no results folder {self.folder})"
+        hints = {"missing": "", "still training": " (no checkpoint_final.pth)",
+                 "validation missing": " (no validation/summary.json)"}
+        parts = []
+        for status, hint in hints.items():
+            fs = [str(f.fold) for f in self.incomplete if f.status == status]
+            if fs:
+                parts.append(f"fold{'s' if len(fs) > 1 else ''} {', '.join(fs)} {status}{hint}")
+        return "; ".join(parts)
+
+
+def env_dir(name: str) -> Path:
+    """One of nnU-Net's folders from the environment, read at call time."""
+    value = os.environ.get(name)
+    if not value:
+        raise UserError(f"${name} is not set; export nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
+                        "(see nnU-Net's setting_up_paths.md)")
+    return Path(value)
+
+
+def resolve_dataset(dataset: str) -> str:
+    """``DatasetXXX_Name`` from an id (``1``, ``001``) or a name, found as nnU-Net does it
+    (``maybe_convert_to_dataset_name``): a unique ``DatasetXXX_*`` folder in raw, preprocessed or
+    results. The folders are read from the environment at call time."""
+    text = str(dataset).strip()
+    if text.startswith("Dataset"):
+        return text
+    try:
+        did = int(text)
+    except ValueError:
+        raise UserError(f"dataset '{dataset}': expected an integer id or a DatasetXXX_Name") from None
+    prefix = f"Dataset{did:03d}_"
+    found, searched = set(), []
+    for var in NNUNET_DIRS:
+        value = os.environ.get(var)
+        if not value or not Path(value).is_dir():
+            continue
+        searched.append(f"{var}={value}")
+        found |= {p.name for p in Path(value).iterdir() if p.is_dir() and p.name.startswith(prefix)}
+    if not found:
+        where = ", ".join(searched) or "no nnU-Net folder is set"
+        raise UserError(f"dataset id {did}: no {prefix}* folder found ({where})")
+    if len(found) > 1:
+        raise UserError(f"dataset id {did}: several matching folders {sorted(found)}; pass the full name")
+    return found.pop()
+
+
+def fold_status(fold_dir: Path, fold: int, need_validation: bool = True) -> FoldStatus:
+    if not fold_dir.is_dir():
+        return FoldStatus(fold, "missing", f"no folder {fold_dir}")
+    if not (fold_dir / "checkpoint_final.pth").is_file():
+        return FoldStatus(fold, "still training", f"no checkpoint_final.pth in {fold_dir}")
+    if need_validation and not (fold_dir / "validation" / "summary.json").is_file():
+        return FoldStatus(fold, "validation missing", f"no validation/summary.json in {fold_dir}")
+    return FoldStatus(fold, "complete")
+
+
+def gather_model(results_dataset_dir: Path, spec: ModelSpec, folds: list[int],
+                 need_validation: bool = True) -> ModelResults:
+    folder = results_dataset_dir / spec.folder_name
+    res = ModelResults(spec, folder)
+    for f in folds:
+        res.folds.append(fold_status(folder / f"fold_{f}", f, need_validation))
+    return res
+
+
+def validation_predictions(model: ModelResults) -> dict[str, io.PredFiles]:
+    """case -> binary NIfTI prediction, gathered over the model's folds' ``validation/`` folders."""
+    out: dict[str, io.PredFiles] = {}
+    seen: dict[str, int] = {}
+    for fs in model.folds:
+        vdir = model.folder / f"fold_{fs.fold}" / "validation"
+        found = io.list_niftis(vdir)
+        if not found:
+            raise UserError(f"{model.spec.label}: fold {fs.fold} has summary.json but no NIfTI "
+                            f"predictions in {vdir}")
+        for case, path in found.items():
+            if case in out:
+                raise UserError(f"{model.spec.label}: case {case} predicted in both fold {seen[case]} and "
+                                f"fold {fs.fold} ({path}); the folds' validation sets overlap")
+            out[case], seen[case] = io.PredFiles(seg=path), fs.fold
+    return out
+
+
+def dataset_file_ending(raw_dataset_dir: Path) -> str | None:
+    dj = raw_dataset_dir / "dataset.json"
+    if dj.is_file():
+        try:
+            return json.loads(dj.read_text()).get("file_ending")
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def cv_reference_folder(dataset_name: str) -> Path:
+    """``nnUNet_raw/<ds>/labelsTr``, else ``nnUNet_preprocessed/<ds>/gt_segmentations``."""
+    candidates = []
+    for var, sub in (("nnUNet_raw", "labelsTr"), ("nnUNet_preprocessed", "gt_segmentations")):
+        value = os.environ.get(var)
+        if value:
+            candidates.append(Path(value) / dataset_name / sub)
+    for c in candidates:
+        if c.is_dir() and io.list_niftis(c):
+            return c
+    raise UserError(f"{dataset_name}: no reference labels found (looked in "
+                    f"{', '.join(map(str, candidates)) or 'nothing: nnUNet_raw/nnUNet_preprocessed unset'})")
+
+
+def dataset_relative(path: str | Path, dataset_name: str) -> Path:
+    """A folder given as a path, or relative to ``nnUNet_raw/<dataset>`` (e.g. ``imagesTs``)."""
+    p = Path(path)
+    if p.is_dir() or p.is_absolute():
+        return p
+    raw = os.environ.get("nnUNet_raw")
+    if raw and (Path(raw) / dataset_name / p).is_dir():
+        return Path(raw) / dataset_name / p
+    return p
+
+
+_CHANNEL = re.compile(r"^(.*)_\d{4}$")
+
+
+def image_case_ids(images_dir: Path) -> list[str]:
+    """Case ids of an nnU-Net images folder (``CASE_0000.nii.gz`` -> ``CASE``)."""
+    ids = set()
+    for cid in io.list_niftis(images_dir):
+        m = _CHANNEL.match(cid)
+        ids.add(m.group(1) if m else cid)
+    return sorted(ids)
+
+
+def case_set_difference(sets: dict[str, set[str]]) -> str:
+    """Readable listing of how model case sets differ from their union."""
+    union = set().union(*sets.values())
+    lines = []
+    for label, s in sets.items():
+        missing = sorted(union - s)
+        if missing:
+            lines.append(f"  {label} lacks {len(missing)} case(s): {', '.join(missing[:20])}"
+                         + (" ..." if len(missing) > 20 else ""))
+    return "\n".join(lines)
