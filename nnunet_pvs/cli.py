@@ -13,8 +13,15 @@ import sys
 # name -> (module, one-line help). Keep in the order a user meets them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_pvs.plugin_env", "print the shell export that lets stock nnU-Net find our trainers"),
+    "phantom": ("nnunet_pvs.dataset_conversion.cli_phantom", "generate the synthetic PVS dataset (MNI152-based phantom) in nnU-Net raw format"),
+    "convert": ("nnunet_pvs.dataset_conversion.cli_convert", "CSV manifest, subject folders or BIDS to an nnU-Net raw dataset, validated"),
+    "splits": ("nnunet_pvs.dataset_conversion.cli_splits", "5-fold splits_final.json stratified by age or PVS load (nnU-Net or Cai protocol)"),
+    "regions": ("nnunet_pvs.dataset_conversion.cli_regions", "basal ganglia / white matter masks and visual-count slices from aseg label maps"),
+    "pretrain-autoencoder": ("nnunet_pvs.pretrain_autoencoder", "pretrain the Boutinaud autoencoder on unlabelled images; writes -pretrained_weights for nnUNetTrainerAEUNet"),
     "evaluate": ("nnunet_pvs.evaluation.cli_evaluate", "PVS metrics of predictions vs reference labels: voxel, cluster, HD95, sweeps, regions"),
     "evaluate-cohort": ("nnunet_pvs.evaluation.cli_cohort", "cohort statistics of PVS cluster counts: visual counts, ratings, two-cohort KS test"),
+    "demo": ("nnunet_pvs.demo", "the whole project on the bundled synthetic data: phantom, plan, train, compare"),
+    "compare": ("nnunet_pvs.compare.cli", "head-to-head comparison of nnU-Net models on identical cases: Table-2 report, paired stats, SLURM scale-out"),
 }
 
 

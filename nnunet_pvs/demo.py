@@ -1,0 +1,258 @@
+"""``nnunet-pvs demo``: the whole project on the bundled synthetic PVS data, through the real commands.
+
+Stages (each prints the command it runs and logs its output under ``WORK/logs``):
+
+1. ``nnunet-pvs phantom``: a T2w-like dataset (0.69 x 0.69 x 2 mm, for MfNS_De) and a T1w-like one
+   (1 mm, with unlabelled scans for the autoencoder);
+2. ``nnUNetv2_plan_and_preprocess`` for the configurations the models need;
+3. ``nnunet-pvs splits``: 5 folds, age-balanced for T2w (Cai et al.), PVS-load-balanced for T1w
+   (Boutinaud et al.);
+4. ``nnunet-pvs pretrain-autoencoder`` on the unlabelled T1w scans;
+5. ``nnUNetv2_train`` of every model on the same folds with the same budget: MfNS_De (2d), stock
+   nnU-Net (2d and 3d_fullres) on T2w; the autoencoder U-Net (with the pretrained encoder) and
+   stock nnU-Net 3d_fullres on T1w;
+6. ``nnunet-pvs compare`` of the cross-validation predictions, one report per dataset.
+
+The nnU-Net folders live inside the work folder, never the user's own. Re-running resumes:
+finished stages are skipped (a stage is finished when its marker or nnU-Net's
+``checkpoint_final.pth`` exists). The budget is smoke-scale by default; ``--full`` runs the papers'
+budgets (1000 epochs x 250 iterations, five folds) and wants a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nnunet_pvs.cli import UserError
+
+T2W_ID, T1W_ID = 901, 902
+T2W_NAME, T1W_NAME = "PVSPhantomT2w", "PVSPhantomT1w"
+
+
+@dataclass
+class DemoSettings:
+    """Everything that determines the demo's results; stored in the work folder to make resuming safe."""
+
+    size: str = "small"
+    subjects: int = 10
+    unlabeled: int = 6
+    folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    epochs: int | None = 3
+    iterations: int | None = 8
+    val_iterations: int | None = 2
+    ae_epochs: int = 3
+    ae_iterations: int = 8
+    device: str = "cpu"
+    seed: int = 0
+    full: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DemoSettings":
+        s = cls()
+        if args.tiny:
+            s = cls(size="tiny", subjects=5, unlabeled=3, folds=[0, 1], epochs=1, iterations=2, val_iterations=1,
+                    ae_epochs=1, ae_iterations=2)
+        if args.full:
+            s = cls(size="full", subjects=20, unlabeled=20, folds=[0, 1, 2, 3, 4], epochs=None, iterations=None,
+                    val_iterations=None, ae_epochs=100, ae_iterations=250, device="cuda", full=True)
+        for key in ("size", "subjects", "unlabeled", "folds", "epochs", "iterations", "device", "seed"):
+            if getattr(args, key, None) is not None:
+                setattr(s, key, getattr(args, key))
+        if args.epochs is not None:
+            s.ae_epochs = args.epochs
+        if len(s.folds) < 1 or any(f not in range(5) for f in s.folds):
+            raise UserError(f"--folds {s.folds}: folds are 0..4")
+        return s
+
+    def trainer(self, name: str) -> str:
+        """Paper-budget trainer name with --full, else its ``_budget`` variant (budget from NNUNET_PVS_*)."""
+        return name if self.full else f"{name}_budget"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--work-dir", type=Path, default=Path("nnunet_pvs_demo"),
+                   help="folder for data, nnU-Net folders, logs and reports (default ./nnunet_pvs_demo)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="CI scale: tiny crops, 2 folds, 1 epoch x 2 iterations")
+    mode.add_argument("--full", action="store_true",
+                      help="the papers' budgets (1000 epochs, 5 folds, whole-brain phantom) on a GPU")
+    p.add_argument("--folds", type=int, nargs="+", help="folds to train (default 0 1 2 3 4)")
+    p.add_argument("--epochs", type=int, help="epochs per model, autoencoder included (default 3)")
+    p.add_argument("--iterations", type=int, help="iterations per epoch (default 8)")
+    p.add_argument("--subjects", type=int, help="labelled subjects per dataset (default 10)")
+    p.add_argument("--unlabeled", type=int, help="unlabelled T1w scans for the autoencoder (default 6)")
+    p.add_argument("--size", choices=("tiny", "small", "full"), help="phantom size (default small)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="training device (default cpu; --full: cuda)")
+    p.add_argument("--seed", type=int, help="phantom seed (default 0)")
+    p.add_argument("--restart", action="store_true", help="delete the work folder first")
+
+
+class Demo:
+    def __init__(self, work: Path, settings: DemoSettings):
+        self.work, self.s = work.resolve(), settings
+        self.raw, self.pre, self.res = self.work / "nnUNet_raw", self.work / "nnUNet_preprocessed", self.work / "nnUNet_results"
+        self.logs, self.state = self.work / "logs", self.work / ".stages"
+        self.bin = Path(sys.executable).parent
+        self.t0 = time.time()
+
+    # ---------------------------------------------------------------- plumbing
+    def env(self) -> dict:
+        from nnunet_pvs.plugin_env import ext_trainer_value
+        from nnunet_pvs.trainers.budget import BUDGET_VARIABLES
+
+        env = dict(os.environ)
+        env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre), nnUNet_results=str(self.res),
+                   nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer", "")),
+                   PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}")
+        env.setdefault("nnUNet_n_proc_DA", "1" if self.s.device == "cpu" else "8")
+        env.setdefault("nnUNet_def_n_proc", "1" if self.s.device == "cpu" else "4")
+        if self.s.device == "cpu":
+            env.setdefault("nnUNet_compile", "f")
+        for var in BUDGET_VARIABLES:
+            env.pop(var, None)
+        if not self.s.full:
+            env.update(NNUNET_PVS_EPOCHS=str(self.s.epochs), NNUNET_PVS_ITERATIONS=str(self.s.iterations),
+                       NNUNET_PVS_VAL_ITERATIONS=str(self.s.val_iterations))
+        return env
+
+    def log(self, msg: str) -> None:
+        line = f"[demo {time.time() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        with open(self.work / "demo.log", "a") as f:
+            f.write(line + "\n")
+
+    def run(self, name: str, cmd: list, log_name: str) -> None:
+        cmd = [str(c) for c in cmd]
+        self.log(f"{name}: $ {shlex.join(cmd)}")
+        log_file = self.logs / f"{log_name}.log"
+        t = time.time()
+        with open(log_file, "w") as f:
+            proc = subprocess.run(cmd, env=self.env(), stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = log_file.read_text(errors="replace").splitlines()[-25:]
+            raise UserError(f"stage '{name}' failed (exit {proc.returncode}); last lines of {log_file}:\n"
+                            + "\n".join(tail))
+        self.log(f"{name}: done in {time.time() - t:.1f} s (log: {log_file})")
+
+    def stage(self, key: str, title: str, commands: list[tuple[list, str]]) -> None:
+        marker = self.state / f"{key}.done"
+        if marker.exists():
+            self.log(f"{title}: already done, skipped")
+            return
+        for cmd, log_name in commands:
+            self.run(title, cmd, log_name)
+        marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def dataset_dir(self, dataset_id: int, name: str) -> Path:
+        return self.raw / f"Dataset{dataset_id:03d}_{name}"
+
+    # ---------------------------------------------------------------- models
+    def models(self) -> list[dict]:
+        t = self.s.trainer
+        return [
+            {"dataset": T2W_ID, "trainer": t("nnUNetTrainerMfNSDe"), "config": "2d"},
+            {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "2d"},
+            {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres"},
+            {"dataset": T1W_ID, "trainer": t("nnUNetTrainerAEUNet"), "config": "3d_fullres",
+             "pretrained": self.work / "ae_init.pth"},
+            {"dataset": T1W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres"},
+        ]
+
+    def fold_done(self, m: dict, fold: int) -> bool:
+        name = T2W_NAME if m["dataset"] == T2W_ID else T1W_NAME
+        folder = self.res / f"Dataset{m['dataset']:03d}_{name}" / f"{m['trainer']}__nnUNetPlans__{m['config']}"
+        return (folder / f"fold_{fold}" / "checkpoint_final.pth").exists()
+
+    # ---------------------------------------------------------------- main
+    def __call__(self) -> int:
+        from tqdm import tqdm
+
+        s, nnunet_pvs = self.s, self.bin / "nnunet-pvs"
+        budget = ("the papers' budgets (1000 epochs x 250 iterations; autoencoder 100 x 250)" if s.full else
+                  f"{s.epochs} epochs x {s.iterations} iterations per model, autoencoder {s.ae_epochs} x "
+                  f"{s.ae_iterations}: a SMOKE-SCALE budget that shows every stage working, not the papers' results")
+        self.log(f"work folder {self.work}; phantom size {s.size}, {s.subjects} subjects per dataset, "
+                 f"folds {s.folds}, device {s.device}")
+        self.log(f"budget: {budget}")
+
+        common = ["--size", s.size, "--subjects", s.subjects, "--seed", s.seed, "-o", self.raw]
+        self.stage("1_phantom", "1/6 synthetic PVS data", [
+            ([nnunet_pvs, "phantom", "-d", T2W_ID, "-n", T2W_NAME, "--contrast", "T2w", *common, "--preview",
+              self.work / "preview_T2w.png"], "phantom_T2w"),
+            ([nnunet_pvs, "phantom", "-d", T1W_ID, "-n", T1W_NAME, "--contrast", "T1w", *common,
+              "--unlabeled", s.unlabeled, "--preview", self.work / "preview_T1w.png"], "phantom_T1w"),
+        ])
+        self.stage("2_plan", "2/6 plan and preprocess", [
+            ([self.bin / "nnUNetv2_plan_and_preprocess", "-d", T2W_ID, "-c", "2d", "3d_fullres", "-np", 1, 1, "-npfp", 2,
+              "--verify_dataset_integrity"], "plan_T2w"),
+            ([self.bin / "nnUNetv2_plan_and_preprocess", "-d", T1W_ID, "-c", "3d_fullres", "-np", 1, "-npfp", 2,
+              "--verify_dataset_integrity"], "plan_T1w"),
+        ])
+        self.stage("3_splits", "3/6 stratified folds", [
+            ([nnunet_pvs, "splits", "-d", T2W_ID, "--by", "age", "--seed", s.seed], "splits_T2w"),
+            ([nnunet_pvs, "splits", "-d", T1W_ID, "--by", "pvs_load", "--seed", s.seed], "splits_T1w"),
+        ])
+        self.stage("4_pretrain", "4/6 autoencoder pretraining", [
+            ([nnunet_pvs, "pretrain-autoencoder", "-d", T1W_ID, "-c", "3d_fullres",
+              "--unlabeled", self.dataset_dir(T1W_ID, T1W_NAME) / "imagesUnlabeled", "-o", self.work / "ae_init.pth",
+              "--epochs", s.ae_epochs, "--iterations", s.ae_iterations, "--val-iterations", max(1, s.ae_iterations // 4),
+              "--device", s.device, "--seed", s.seed], "pretrain_autoencoder"),
+        ])
+
+        runs = [(m, f) for m in self.models() for f in s.folds]
+        self.log(f"5/6 training: {len(runs)} runs ({len(self.models())} models x {len(s.folds)} folds)")
+        for m, fold in tqdm(runs, desc="training runs", unit="run", file=sys.stdout):
+            label = f"{m['trainer']} {m['config']} fold {fold} (Dataset{m['dataset']})"
+            if self.fold_done(m, fold):
+                self.log(f"5/6 {label}: already trained, skipped")
+                continue
+            cmd = [self.bin / "nnUNetv2_train", m["dataset"], m["config"], fold, "-tr", m["trainer"],
+                   "-device", s.device]
+            if "pretrained" in m:
+                cmd += ["-pretrained_weights", m["pretrained"]]
+            self.run(f"5/6 {label}", cmd, f"train_{m['dataset']}_{m['trainer']}_{m['config']}_fold{fold}")
+
+        reports = {}
+        for dataset_id, tag in ((T2W_ID, "T2w"), (T1W_ID, "T1w")):
+            models = [f"{m['trainer']}:{m['config']}" for m in self.models() if m["dataset"] == dataset_id]
+            out = self.work / f"report_{tag}"
+            name = T2W_NAME if dataset_id == T2W_ID else T1W_NAME
+            cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *models,
+                   "--baseline", f"{s.trainer('nnUNetTrainer')}:3d_fullres", "--folds", *s.folds,
+                   "--regions", self.dataset_dir(dataset_id, name) / "regions", "-o", out]
+            self.run(f"6/6 compare ({tag})", cmd, f"compare_{tag}")
+            reports[tag] = out / "report.md"
+        for tag, path in reports.items():
+            self.log(f"report ({tag}): {path}")
+        self.log(f"demo finished in {time.time() - self.t0:.0f} s")
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = DemoSettings.from_args(args)
+    work = args.work_dir.resolve()
+    if args.restart and work.exists():
+        shutil.rmtree(work)
+    for sub in ("logs", ".stages"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    recorded = work / "demo_settings.json"
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+        if before != asdict(settings):
+            changed = sorted(k for k in asdict(settings) if before.get(k) != asdict(settings)[k])
+            raise UserError(f"{work} holds a demo made with other settings ({', '.join(changed)}); "
+                            "use another --work-dir or --restart")
+    else:
+        tmp = recorded.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(settings), indent=2))
+        os.replace(tmp, recorded)
+    return Demo(work, settings)()
