@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cluster matching rule: 'overlap' (any shared voxel, default) or 'iou:T' (VALDO: iou:0.1)")
     p.add_argument("--binary", action="store_true",
                    help="use the NIfTI masks even where probability files exist")
+    p.add_argument("--cases", type=Path, metavar="FILE",
+                   help="evaluate only the case ids listed in FILE (one per line), e.g. a Cai-protocol test "
+                        "group test_fold<k>.txt written by `nnunet-pvs splits --protocol cai`")
     p.add_argument("--allow-missing", action="store_true",
                    help="exit 0 even if some ids are present on one side only")
     p.add_argument("--geometry-tol", type=float, default=1e-3, help="spacing/affine tolerance in mm (default 1e-3)")
@@ -81,6 +84,18 @@ def _one_case(job) -> dict:
     return out
 
 
+def read_case_list(path: Path) -> set[str]:
+    """Case ids from a text file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the case list ({e.strerror})") from None
+    ids = {line.split("#", 1)[0].strip() for line in lines} - {""}
+    if not ids:
+        raise UserError(f"{path}: the case list is empty")
+    return ids
+
+
 def run(args) -> int:
     opts = _options(args)
     if not args.ref.is_dir():
@@ -91,6 +106,13 @@ def run(args) -> int:
     preds = io.gather_predictions(args.pred)
     if args.regions is not None and not args.regions.is_dir():
         raise UserError(f"{args.regions}: region folder does not exist")
+    if args.cases is not None:
+        wanted = read_case_list(args.cases)
+        absent = sorted(wanted - set(refs))
+        if absent:
+            raise UserError(f"{args.cases}: case id(s) not in {args.ref}: {', '.join(absent)}")
+        refs = {c: v for c, v in refs.items() if c in wanted}
+        preds = {c: v for c, v in preds.items() if c in wanted}
     both = sorted(set(refs) & set(preds))
     missing = {"reference only": sorted(set(refs) - set(preds)),
                "prediction only": sorted(set(preds) - set(refs))}

@@ -109,6 +109,23 @@ def test_evaluate_binary_folder(data):
     assert "| mean |" in report and "| std |" in report and "sub-03" in report
 
 
+def test_case_list_restricts_evaluation(data):
+    """A Cai-protocol test group (one id per line) selects the cases; unknown ids are an error."""
+    tmp, _ = data
+    (tmp / "test_fold0.txt").write_text("sub-03\n# comment\n\nsub-01\n")
+    out = tmp / "out_list"
+    proc = run_cli([CLI, "evaluate", "--ref", tmp / "ref", "--pred", tmp / "bin", "-o", out,
+                    "--cases", tmp / "test_fold0.txt", "--no-plots", "--min-cluster-sizes", "0"])
+    assert "evaluated 2 case(s)" in proc.stdout
+    pc = pd.read_csv(out / "per_case.csv", dtype={"case": str})
+    assert sorted(pc["case"].unique()) == ["sub-01", "sub-03"]
+    (tmp / "bad.txt").write_text("sub-01\nsub-99\n")
+    bad = run_cli([CLI, "evaluate", "--ref", tmp / "ref", "--pred", tmp / "bin", "-o", tmp / "out_bad",
+                   "--cases", tmp / "bad.txt"], check=False)
+    assert bad.returncode == 2 and "sub-99" in bad.stderr and "bad.txt" in bad.stderr
+    assert not (tmp / "out_bad").exists()
+
+
 def test_evaluate_probabilities_sweep_regions_plots_and_workers(data):
     tmp, cases = data
     for cid in cases:
