@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "label maps under derivatives/, covariates from participants.tsv")
     p.add_argument("-c", "--channels", nargs="+", required=True, help="channel names in order, e.g. T2w T1w")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1..999)")
-    p.add_argument("-n", "--name", required=True, help="dataset name: DatasetXXX_<name>")
+    p.add_argument("-n", "--name", required=True, help="dataset name: Dataset<ID>_<name>")
     p.add_argument("-o", "--raw", type=Path, help="nnU-Net raw folder (default $nnUNet_raw)")
     p.add_argument("--label-value", type=float,
                    help="mask value that means PVS (default: masks must hold only 0 and 1)")

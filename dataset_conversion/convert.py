@@ -1,6 +1,6 @@
 """Writing validated subjects as an nnU-Net raw dataset, atomically and idempotently.
 
-Layout of ``$nnUNet_raw/DatasetXXX_Name/``::
+Layout of ``$nnUNet_raw/Dataset<ID>_Name/``::
 
     imagesTr/CASE_0000.nii.gz ...   labelsTr/CASE.nii.gz       (split "train")
     imagesTs/CASE_0000.nii.gz ...   labelsTs/CASE.nii.gz       (split "test"; labels when given)
@@ -87,7 +87,7 @@ def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name:
                   label_value: float | None = None, affine_tol: float = 1e-3, force: bool = False,
                   description: str = "", extra_json: dict | None = None, progress: bool = True,
                   log=print) -> tuple[Path, bool]:
-    """Validate, then write ``DatasetXXX_name``; return (folder, whether anything was written).
+    """Validate, then write ``Dataset<ID>_name``; return (folder, whether anything was written).
 
     Same inputs as an existing dataset of that id and name: nothing is done. A different dataset
     with the same id: :class:`UserError` unless ``force``, which replaces it atomically.

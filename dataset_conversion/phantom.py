@@ -425,7 +425,7 @@ def _save(data, affine, path, dtype):
 def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None, contrast: str = "T2w",
                          n_subjects: int | None = None, size: str = "tiny", seed: int = 0, n_unlabeled: int = 0,
                          n_test: int = 0, force: bool = False, progress: bool = True, log=print) -> Path:
-    """Generate the phantom and write it as ``raw_dir/DatasetXXX_<name>`` through :func:`write_dataset`.
+    """Generate the phantom and write it as ``raw_dir/Dataset<ID>_<name>`` through :func:`write_dataset`.
 
     Writes ``imagesTr``/``labelsTr`` (``n_subjects`` labelled cases ``pvs000``...), ``imagesTs`` +
     ``labelsTs`` (``n_test``), ``imagesUnlabeled/CASE_0000.nii.gz`` (``n_unlabeled``, for

@@ -49,10 +49,10 @@ class DemoSettings:
     unlabeled: int = 6
     folds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     epochs: int | None = 3
-    iterations: int | None = 10
+    iterations: int | None = 20
     val_iterations: int | None = 2
     ae_epochs: int = 3
-    ae_iterations: int = 10
+    ae_iterations: int = 20
     device: str = "cpu"
     seed: int = 0
     full: bool = False
@@ -91,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="the papers' budgets (1000 epochs, 5 folds, whole-brain phantom) on a GPU")
     p.add_argument("--folds", type=int, nargs="+", help="folds to train (default 0 1 2 3 4)")
     p.add_argument("--epochs", type=int, help="epochs per model, autoencoder included (default 3)")
-    p.add_argument("--iterations", type=int, help="iterations per epoch (default 10)")
+    p.add_argument("--iterations", type=int, help="iterations per epoch (default 20)")
     p.add_argument("--subjects", type=int, help="labelled subjects per dataset (default 10)")
     p.add_argument("--unlabeled", type=int, help="unlabelled T1w scans for the autoencoder (default 6)")
     p.add_argument("--size", choices=("tiny", "small", "full"), help="phantom size (default tiny: crops of the basal ganglia and corona radiata)")

@@ -9,7 +9,7 @@ unlabelled T1w volumes: MSE loss, Adam with default parameters, a random 80/20 t
 split, best-validation model. Its encoder initialises the U-Net's encoder; the decoder is freshly
 Glorot-initialised. This command does that for an nnU-Net dataset:
 
-1. unlabelled images (nnU-Net naming ``CASE_XXXX<ending>``, or a plain folder of one-channel
+1. unlabelled images (nnU-Net naming ``CASE_<channel><ending>``, or a plain folder of one-channel
    images for a one-channel dataset) are preprocessed with the dataset's own plans (same
    transpose, crop to non-zero, normalisation and resampling as ``nnUNetv2_plan_and_preprocess``);
 2. the autoencoder of ``nnUNetTrainerAEUNet`` for that configuration learns to reconstruct random
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--configuration", default="3d_fullres", help="3D configuration of the plans (default 3d_fullres)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--unlabeled", required=True, type=Path,
-                        help="folder of unlabelled images: nnU-Net naming CASE_XXXX<file_ending>, or plain "
+                        help="folder of unlabelled images: nnU-Net naming CASE_<channel><file_ending>, or plain "
                              "one-channel images for a one-channel dataset")
     parser.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (for -pretrained_weights)")
     parser.add_argument("-tr", "--trainer", default=DEFAULT_TRAINER,
@@ -117,7 +117,7 @@ def list_cases(folder: Path, file_ending: str, n_channels: int) -> list[tuple[st
     if not any(0 in chans for chans in named.values()):  # no nnU-Net naming in use
         plain, named = files, {}
     if plain and n_channels != 1:
-        raise UserError(f"{plain[0]}: not in nnU-Net naming CASE_XXXX{file_ending}, but the dataset has "
+        raise UserError(f"{plain[0]}: not in nnU-Net naming CASE_<channel>{file_ending}, but the dataset has "
                         f"{n_channels} channels (one file per channel is needed)")
     cases = [(f.name[: -len(file_ending)], [f]) for f in plain]
     for case, chans in sorted(named.items()):

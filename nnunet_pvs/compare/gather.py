@@ -1,6 +1,6 @@
 """Finding each model's results in ``nnUNet_results``: folds complete, missing or still training.
 
-nnU-Net v2 writes one folder per model, ``nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<config>``,
+nnU-Net v2 writes one folder per model, ``nnUNet_results/Dataset<ID>_Name/<Trainer>__<Plans>__<config>``,
 with ``fold_N/checkpoint_final.pth`` once training finished and ``fold_N/validation/`` holding the
 fold's cross-validation predictions plus ``summary.json`` once validation finished.
 """
@@ -91,8 +91,8 @@ def env_dir(name: str) -> Path:
 
 
 def resolve_dataset(dataset: str) -> str:
-    """``DatasetXXX_Name`` from an id (``1``, ``001``) or a name, found as nnU-Net does it
-    (``maybe_convert_to_dataset_name``): a unique ``DatasetXXX_*`` folder in raw, preprocessed or
+    """``Dataset<ID>_Name`` from an id (``1``, ``001``) or a name, found as nnU-Net does it
+    (``maybe_convert_to_dataset_name``): a unique ``Dataset<ID>_*`` folder in raw, preprocessed or
     results. The folders are read from the environment at call time."""
     text = str(dataset).strip()
     if text.startswith("Dataset"):
@@ -100,7 +100,7 @@ def resolve_dataset(dataset: str) -> str:
     try:
         did = int(text)
     except ValueError:
-        raise UserError(f"dataset '{dataset}': expected an integer id or a DatasetXXX_Name") from None
+        raise UserError(f"dataset '{dataset}': expected an integer id or a Dataset<ID>_Name") from None
     prefix = f"Dataset{did:03d}_"
     found, searched = set(), []
     for var in NNUNET_DIRS:
