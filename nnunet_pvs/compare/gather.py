@@ -91,9 +91,11 @@ def env_dir(name: str) -> Path:
 
 
 def resolve_dataset(dataset: str) -> str:
-    """``Dataset<ID>_Name`` from an id (``1``, ``001``) or a name, found as nnU-Net does it
-    (``maybe_convert_to_dataset_name``): a unique ``Dataset<ID>_*`` folder in raw, preprocessed or
-    results. The folders are read from the environment at call time."""
+    """``Dataset<ID>_Name`` from an id (``1``, ``001``) or a name. The search is nnU-Net's own
+    (``find_candidate_datasets``: raw, preprocessed and results, read from the environment at call
+    time); only the errors are ours, so they name the folders searched."""
+    from nnunetv2.utilities.dataset_name_id_conversion import find_candidate_datasets
+
     text = str(dataset).strip()
     if text.startswith("Dataset"):
         return text
@@ -102,19 +104,15 @@ def resolve_dataset(dataset: str) -> str:
     except ValueError:
         raise UserError(f"dataset '{dataset}': expected an integer id or a Dataset<ID>_Name") from None
     prefix = f"Dataset{did:03d}_"
-    found, searched = set(), []
-    for var in NNUNET_DIRS:
-        value = os.environ.get(var)
-        if not value or not Path(value).is_dir():
-            continue
-        searched.append(f"{var}={value}")
-        found |= {p.name for p in Path(value).iterdir() if p.is_dir() and p.name.startswith(prefix)}
+    found = sorted(str(name) for name in find_candidate_datasets(did) if str(name).startswith(prefix))
     if not found:
+        searched = [f"{var}={os.environ[var]}" for var in NNUNET_DIRS
+                    if os.environ.get(var) and Path(os.environ[var]).is_dir()]
         where = ", ".join(searched) or "no nnU-Net folder is set"
         raise UserError(f"dataset id {did}: no {prefix}* folder found ({where})")
     if len(found) > 1:
-        raise UserError(f"dataset id {did}: several matching folders {sorted(found)}; pass the full name")
-    return found.pop()
+        raise UserError(f"dataset id {did}: several matching folders {found}; pass the full name")
+    return found[0]
 
 
 def fold_status(fold_dir: Path, fold: int, need_validation: bool = True) -> FoldStatus:
