@@ -36,6 +36,7 @@ from nnunet_pvs.cli import UserError
 
 T2W_ID, T1W_ID = 901, 902
 T2W_NAME, T1W_NAME = "PVSPhantomT2w", "PVSPhantomT1w"
+DATASET_NAMES = {T2W_ID: T2W_NAME, T1W_ID: T1W_NAME}
 
 
 @dataclass
@@ -156,8 +157,12 @@ class Demo:
             self.run(title, cmd, log_name)
         marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
 
-    def dataset_dir(self, dataset_id: int, name: str) -> Path:
-        return self.raw / f"Dataset{dataset_id:03d}_{name}"
+    @staticmethod
+    def dataset_folder(dataset_id: int) -> str:
+        return f"Dataset{dataset_id:03d}_{DATASET_NAMES[dataset_id]}"
+
+    def dataset_dir(self, dataset_id: int) -> Path:
+        return self.raw / self.dataset_folder(dataset_id)
 
     # ---------------------------------------------------------------- models
     def models(self) -> list[dict]:
@@ -172,8 +177,7 @@ class Demo:
         ]
 
     def fold_done(self, m: dict, fold: int) -> bool:
-        name = T2W_NAME if m["dataset"] == T2W_ID else T1W_NAME
-        folder = self.res / f"Dataset{m['dataset']:03d}_{name}" / f"{m['trainer']}__nnUNetPlans__{m['config']}"
+        folder = self.res / self.dataset_folder(m["dataset"]) / f"{m['trainer']}__nnUNetPlans__{m['config']}"
         return (folder / f"fold_{fold}" / "checkpoint_final.pth").exists()
 
     # ---------------------------------------------------------------- main
@@ -207,7 +211,7 @@ class Demo:
         ])
         self.stage("4_pretrain", "4/6 autoencoder pretraining", [
             ([nnunet_pvs, "pretrain-autoencoder", "-d", T1W_ID, "-c", "3d_fullres",
-              "--unlabeled", self.dataset_dir(T1W_ID, T1W_NAME) / "imagesUnlabeled", "-o", self.work / "ae_init.pth",
+              "--unlabeled", self.dataset_dir(T1W_ID) / "imagesUnlabeled", "-o", self.work / "ae_init.pth",
               "--epochs", s.ae_epochs, "--iterations", s.ae_iterations, "--val-iterations", max(1, s.ae_iterations // 4),
               "--device", s.device, "--seed", s.seed], "pretrain_autoencoder"),
         ])
@@ -229,10 +233,9 @@ class Demo:
         for dataset_id, tag in ((T2W_ID, "T2w"), (T1W_ID, "T1w")):
             models = [f"{m['trainer']}:{m['config']}" for m in self.models() if m["dataset"] == dataset_id]
             out = self.work / f"report_{tag}"
-            name = T2W_NAME if dataset_id == T2W_ID else T1W_NAME
             cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *models,
                    "--baseline", f"{s.trainer('nnUNetTrainer')}:3d_fullres", "--folds", *s.folds,
-                   "--regions", self.dataset_dir(dataset_id, name) / "regions", "-o", out]
+                   "--regions", self.dataset_dir(dataset_id) / "regions", "-o", out]
             self.run(f"6/6 compare ({tag})", cmd, f"compare_{tag}")
             reports[tag] = out / "report.md"
         for tag, path in reports.items():
