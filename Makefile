@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests
+
+# everything that does not plan or train with nnU-Net (tests marked e2e are left out)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not e2e" tests
 
 demo: $(STAMP)
 	$(BIN)/nnunet-pvs demo $(DEMO_ARGS)

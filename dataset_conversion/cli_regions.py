@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.dataset_conversion.convert import find_dataset, raw_root
 from nnunet_pvs.dataset_conversion.regions import region_masks
 from nnunet_pvs.dataset_conversion.validation import NIFTI_SUFFIXES

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.dataset_conversion.convert import find_dataset, raw_root
 from nnunet_pvs.dataset_conversion.splits import write_splits
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.dataset_conversion.validation import NIFTI_SUFFIXES, Subject
 
 RESERVED_COLUMNS = ("id", "mask", "regions", "split")

@@ -35,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 GENERATOR_VERSION = 1
 

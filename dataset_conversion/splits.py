@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 PVS_LOAD_COLUMN = "pvs_voxels"
 

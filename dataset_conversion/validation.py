@@ -16,7 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 SPLITS = ("train", "test", "unlabeled")
 # nnU-Net builds file names as CASE_0000.nii.gz and parses them back: keep ids plain.

@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation.io import NIFTI_SUFFIXES, Volume, as_binary, read_nifti
 
 # aseg labels: thalamus, caudate, putamen, pallidum, accumbens, left (10-13, 26) and right (49-52, 58)

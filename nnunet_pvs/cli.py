@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from nnunet_pvs.errors import UserError
+
 # name -> (module, one-line help). Keep in the order a user meets them.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("nnunet_pvs.plugin_env", "print the shell export that lets stock nnU-Net find our trainers"),
@@ -25,8 +27,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one clear line, exit code 2, no traceback."""
 
 
 def _parser() -> argparse.ArgumentParser:

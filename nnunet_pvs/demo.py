@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 T2W_ID, T1W_ID = 901, 902
 T2W_NAME, T1W_NAME = "PVSPhantomT2w", "PVSPhantomT1w"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 
 DEFAULT_TRAINER = "nnUNetTrainerAEUNet"
 

@@ -194,7 +194,7 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
     (model_folder(res, MFNS) / "fold_2" / "checkpoint_final.pth").unlink()
     from nnunet_pvs.compare import compare
     out2 = tmp_path / "report_py"
-    from nnunet_pvs.cli import UserError
+    from nnunet_pvs.errors import UserError
 
     with pytest.raises(UserError, match="no complete model besides the baseline"):
         compare(DATASET, [BASE, MFNS], out2, n_boot=100, plots=False)

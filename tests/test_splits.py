@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.dataset_conversion.splits import make_folds, stratified_groups
 from synthetic import write_tiny_dataset
 

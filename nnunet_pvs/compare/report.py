@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare.stats import METRIC_DIRECTION
 
 VOXEL_METRICS = [("dice", "DSC"), ("sensitivity", "SEN"), ("ppv", "PPV")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare import gather as g
 from nnunet_pvs.compare.evaluate import evaluate_models
 from nnunet_pvs.compare.report import STATS_METRICS, ReportData, write_report

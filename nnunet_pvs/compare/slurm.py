@@ -22,7 +22,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from nnunet_pvs.cli import UserError
+from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare import gather as g
 
 
