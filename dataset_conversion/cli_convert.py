@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--raw", type=Path, help="nnU-Net raw folder (default $nnUNet_raw)")
     p.add_argument("--label-value", type=float,
                    help="mask value that means PVS (default: masks must hold only 0 and 1)")
+    p.add_argument("--allow-empty-labels", action="store_true",
+                   help="accept a dataset whose masks are all empty (refused by default: usually a wrong "
+                        "--label-value)")
     p.add_argument("--affine-tol", type=float, default=1e-3,
                    help="largest allowed difference between image/mask affines (default 1e-3)")
     p.add_argument("--mask-pattern", default="*_label-PVS*_mask.nii*", help="BIDS: mask file pattern in derivatives")
@@ -44,12 +47,14 @@ def read_subjects(args) -> list:
 def run(args) -> int:
     subjects = read_subjects(args)
     if args.check:
-        checked = validate(subjects, args.channels, args.label_value, args.affine_tol)
+        checked = validate(subjects, args.channels, args.label_value, args.affine_tol,
+                           allow_empty_labels=args.allow_empty_labels)
         for w in checked.warnings:
             print(f"warning: {w}", file=sys.stderr)
         print(f"{len(subjects)} subject(s): no problem found")
         return 0
     write_dataset(subjects, raw_root(args.raw), args.dataset_id, args.name, args.channels,
                   label_value=args.label_value, affine_tol=args.affine_tol, force=args.force,
+                  allow_empty_labels=args.allow_empty_labels,
                   log=lambda m: print(m, file=sys.stderr if m.startswith("warning") else sys.stdout))
     return 0

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
+from nnunet_pvs.dataset_conversion.staging import (check_writable_target, clean_leftovers, sigterm_raises,
+                                                   staging_name)
 from nnunet_pvs.dataset_conversion.validation import Subject, binarize, validate
 
 FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs"),
@@ -86,62 +88,89 @@ def _write_mask(mask_path: Path, image_path: Path, label_value, dst: Path) -> No
 def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name: str, channels: list[str],
                   label_value: float | None = None, affine_tol: float = 1e-3, force: bool = False,
                   description: str = "", extra_json: dict | None = None, progress: bool = True,
-                  log=print) -> tuple[Path, bool]:
+                  log=print, allow_empty_labels: bool = False) -> tuple[Path, bool]:
     """Validate, then write ``Dataset<ID>_name``; return (folder, whether anything was written).
 
-    Same inputs as an existing dataset of that id and name: nothing is done. A different dataset
-    with the same id: :class:`UserError` unless ``force``, which replaces it atomically.
+    Same inputs as an existing, complete dataset of that id and name: nothing is done. A different
+    dataset with the same id: :class:`UserError` unless ``force``, which replaces it atomically.
+    Leftovers of a killed earlier run for this id are cleaned first.
     """
     raw = Path(raw_dir)
     folder_name = dataset_folder_name(dataset_id, name)
     if not channels or len(set(channels)) != len(channels):
         raise UserError(f"channels {channels}: give each channel name once")
-    checked = validate(subjects, channels, label_value, affine_tol, progress=progress)
+    check_writable_target(raw, "nnU-Net raw folder", want_dir=True)
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    clean_leftovers(raw, prefix, log=log,
+                    may_restore=lambda original: not existing_datasets(raw, dataset_id))
+    final = raw / folder_name
+    others = existing_datasets(raw, dataset_id)
+    if others and others != [final] and not force:  # refused before the (slow) validation
+        raise UserError(f"{others[0]}: a different dataset with id {int(dataset_id):03d} exists; "
+                        "pass --force to replace it")
+    checked = validate(subjects, channels, label_value, affine_tol, progress=progress,
+                       allow_empty_labels=allow_empty_labels)
     for w in checked.warnings:
         log(f"warning: {w}")
     n_train = sum(s.resolved_split == "train" for s in subjects)
     if n_train == 0:
         raise UserError("input: no training subject (a subject with a PVS mask); nnU-Net needs at least one")
 
-    final = raw / folder_name
-    others = existing_datasets(raw, dataset_id)
     if others:
-        same = final in others and len(others) == 1 and _fingerprint(final) == checked.fingerprint
-        if same:
-            log(f"{final}: up to date (same inputs), nothing written")
-            return final, False
-        if not force:
+        if others == [final] and _fingerprint(final) == checked.fingerprint:
+            missing = _missing_files(final)
+            if not missing:
+                log(f"{final}: up to date (same inputs), nothing written")
+                return final, False
+            # our own dataset of these very inputs, with files lost since: rewriting it is a repair
+            log(f"{final}: same inputs but {len(missing)} file(s) missing (e.g. {missing[0]}): rewriting it")
+        elif not force:
             raise UserError(f"{others[0]}: a different dataset with id {int(dataset_id):03d} exists; "
                             "pass --force to replace it")
     raw.mkdir(parents=True, exist_ok=True)
-    tmp = raw / f".{folder_name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        _write_all(tmp, subjects, channels, label_value, checked, description, extra_json, progress)
-        (tmp / FINGERPRINT_JSON).write_text(json.dumps(
-            {"fingerprint": checked.fingerprint, "channels": channels, "label_value": label_value}, indent=2))
-        old = []
-        for i, o in enumerate(others):
-            aside = raw / f".{o.name}.old-{os.getpid()}-{i}"
-            os.replace(o, aside)
-            old.append(aside)
-        os.replace(tmp, final)
-        for o in old:
-            shutil.rmtree(o, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = staging_name(final)
+    aside: list[Path] = []
+    with sigterm_raises():
+        try:
+            _write_all(tmp, subjects, channels, label_value, checked, description, extra_json, progress)
+            # the completion marker, written last: names every file, so a folder missing one is not "up to date"
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            (tmp / FINGERPRINT_JSON).write_text(json.dumps(
+                {"fingerprint": checked.fingerprint, "channels": channels, "label_value": label_value,
+                 "files": files}, indent=2))
+            for o in others:
+                aside.append(staging_name(o, "old"))
+                os.replace(o, aside[-1])
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.exists():  # put back what was renamed aside
+                for o, a in zip(others, aside):
+                    if a.exists() and not o.exists():
+                        os.replace(a, o)
+            raise
+        for a in aside:
+            shutil.rmtree(a, ignore_errors=True)
     log(f"{final}: wrote {n_train} training, {sum(s.resolved_split == 'test' for s in subjects)} test, "
         f"{sum(s.resolved_split == 'unlabeled' for s in subjects)} unlabeled case(s)")
     return final, True
 
 
 def _fingerprint(folder: Path) -> str | None:
+    """The input fingerprint recorded in a dataset's completion marker, or None."""
     try:
         return json.loads((folder / FINGERPRINT_JSON).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """Files the completion marker names that are gone (a marker without a file list: all of them)."""
+    try:
+        files = json.loads((folder / FINGERPRINT_JSON).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [FINGERPRINT_JSON]
+    return [f for f in files if not (folder / f).is_file()]
 
 
 def _write_all(root: Path, subjects, channels, label_value, checked, description, extra_json, progress):

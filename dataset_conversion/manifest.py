@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
+from nnunet_pvs.dataset_conversion.tables import read_table
 from nnunet_pvs.dataset_conversion.validation import NIFTI_SUFFIXES, Subject
 
 RESERVED_COLUMNS = ("id", "mask", "regions", "split")
@@ -38,24 +39,13 @@ def read_csv_manifest(csv_path: Path, channels: list[str]) -> list[Subject]:
     optional ``mask``, ``regions``, ``split`` (train/test/unlabeled); every other column is a
     covariate (age, sex, site, ...). Relative paths are relative to the CSV's folder."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"{csv_path}: manifest does not exist")
-    try:
-        df = pd.read_csv(csv_path, sep=None, engine="python", dtype=str, keep_default_na=True)
-    except Exception as e:
-        raise UserError(f"{csv_path}: cannot read manifest ({e})") from None
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in ("id", *channels) if c not in df.columns]
-    if missing:
-        raise UserError(f"{csv_path}: manifest lacks column(s) {', '.join(missing)} "
-                        f"(has {', '.join(df.columns)})")
+    # duplicate ids are reported by validation, together with every other problem
+    df = read_table(csv_path, "manifest", required=tuple(channels), id_column="id", unique_ids=False)
     base = csv_path.parent
     skip = set(RESERVED_COLUMNS) | set(channels)
     subjects = []
-    for i, row in enumerate(df.to_dict("records")):
-        sid = "" if pd.isna(row["id"]) else str(row["id"]).strip()
-        if not sid:
-            raise UserError(f"{csv_path}: row {i + 2} has no id")
+    for row in df.to_dict("records"):
+        sid = str(row["id"])
         subjects.append(Subject(
             id=sid,
             images={c: _path(row[c], base) for c in channels if _path(row[c], base) is not None},
@@ -89,10 +79,8 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 def _side_table(path: Path, id_col: str) -> dict[str, dict]:
     """Covariates keyed by id from a CSV/TSV (``covariates.csv`` or BIDS ``participants.tsv``)."""
-    df = pd.read_csv(path, sep=None, engine="python", dtype=str)
-    if id_col not in df.columns:
-        raise UserError(f"{path}: no {id_col!r} column (has {', '.join(df.columns)})")
-    return {str(r[id_col]).strip(): r for r in df.to_dict("records")}
+    df = read_table(path, "covariate table", id_column=id_col)
+    return {str(r[id_col]): r for r in df.to_dict("records")}
 
 
 def read_subject_folders(root: Path, channels: list[str]) -> list[Subject]:

@@ -2,7 +2,8 @@
 
 * ``bg``: basal ganglia as in Boutinaud et al. 2021: thalamus, caudate, putamen, pallidum,
   accumbens, both hemispheres (aseg 10-13, 26, 49-52, 58);
-* ``wm``: cerebral white matter (aseg 2, 41) minus the basal ganglia;
+* ``wm``: cerebral white matter (aseg 2, 41, and the white-matter hypointensities 77-79 where the
+  evaluation's definition has them) minus the basal ganglia;
 * ``bgslice``: the axial slice used for basal-ganglia visual counts (Cai et al. 2024: the slice
   showing the anterior commissure), restricted to ``bg``. The anterior commissure is not an aseg
   label; it crosses the midline at the level of the globus pallidus, so the slice through the
@@ -20,8 +21,13 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-BASAL_GANGLIA = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)
-WHITE_MATTER = (2, 41)
+# one definition of the regions, shared with region-wise evaluation
+from nnunet_pvs.evaluation.regions import ASEG_BASAL_GANGLIA as BASAL_GANGLIA
+from nnunet_pvs.evaluation.regions import ASEG_WHITE_MATTER as WHITE_MATTER
+
+# every aseg/SynthSeg map of a brain has these (left/right cerebral white matter): their absence
+# means a binary mask or a map in another numbering, whose BG/WM masks would be silently empty
+CEREBRAL_WHITE_MATTER = (2, 41)
 PALLIDUM = (13, 52)
 PUTAMEN = (12, 51)
 LATERAL_VENTRICLES = (4, 43)
@@ -35,6 +41,20 @@ class RegionResult:
     bg_slice: int | None
     cso_slice: int | None
     notes: list[str]
+
+
+def not_aseg_reason(labels_present) -> str | None:
+    """Why a label map does not look like aseg numbering (None if it does): it must hold cerebral
+    white matter (2 or 41) and at least one basal-ganglia label."""
+    present = {int(v) for v in labels_present}
+    if present & set(CEREBRAL_WHITE_MATTER) and present & set(BASAL_GANGLIA):
+        return None
+    shown = ", ".join(map(str, sorted(present)[:12])) + (" ..." if len(present) > 12 else "")
+    lacks = [what for what, labs in (("cerebral white matter label (2/41)", CEREBRAL_WHITE_MATTER),
+                                     ("basal-ganglia label (10-13, 26, 49-52, 58)", BASAL_GANGLIA))
+             if not present & set(labs)]
+    return (f"does not look like an aseg label map: no {' and no '.join(lacks)}; labels found: {shown} "
+            "(a binary mask or shifted labels? FreeSurfer/SynthSeg aseg numbering is expected)")
 
 
 def superior_axis(affine: np.ndarray) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -23,6 +24,8 @@ import numpy as np
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
+from nnunet_pvs.dataset_conversion.staging import check_writable_target, clean_leftovers, sigterm_raises, staging_name
+from nnunet_pvs.dataset_conversion.tables import read_table
 
 PVS_LOAD_COLUMN = "pvs_voxels"
 
@@ -69,25 +72,43 @@ def make_folds(groups: list[list[str]], protocol: str = "nnunet", seed: int = 0)
     return splits, tests
 
 
-def load_covariate(dataset_dir: Path, by: str) -> dict[str, object]:
+def load_covariate(dataset_dir: Path, by: str, log=None) -> dict[str, object]:
     """case id -> covariate for the training cases (``labelsTr``); ``pvs_load`` counts mask voxels
-    when covariates.csv lacks ``pvs_voxels``."""
+    when covariates.csv lacks ``pvs_voxels``.
+
+    A column is numeric when every value is a number; text among numbers ("unknown", "61,5") is a
+    :class:`UserError` naming the case, line and value, never a silent switch to categories. A
+    column of text only (sex, site) is categorical, and the log says so.
+    """
     dataset_dir = Path(dataset_dir)
     cases = sorted(p.name[: -len(".nii.gz")] for p in (dataset_dir / "labelsTr").glob("*.nii.gz"))
     if not cases:
         raise UserError(f"{dataset_dir / 'labelsTr'}: no training labels")
     cov_path = dataset_dir / "covariates.csv"
-    table = pd.read_csv(cov_path, dtype={"case_id": str}).set_index("case_id") if cov_path.is_file() else None
+    table = read_table(cov_path, "covariate table", id_column="case_id") if cov_path.is_file() else None
     column = PVS_LOAD_COLUMN if by == "pvs_load" else by
     if table is not None and column in table.columns:
-        col = table[column]
+        lines = dict(zip(table["case_id"], table.attrs["lines"]))
+        col = table.set_index("case_id")[column]
         missing = [c for c in cases if c not in col.index or pd.isna(col.get(c))]
         if missing and by != "pvs_load":
-            raise UserError(f"{cov_path}: no {column!r} value for case(s) {', '.join(missing[:10])}")
+            raise UserError(f"{cov_path}: no {column!r} value for training case(s) {', '.join(missing[:10])}"
+                            f"{' ...' if len(missing) > 10 else ''}; fill them in or drop those cases")
         if not missing:
             out = {c: col[c] for c in cases}
-            if all(_is_number(v) for v in out.values()):
+            text = {c: v for c, v in out.items() if not _is_number(v)}
+            decimal_comma = [v for v in text.values() if _DECIMAL_COMMA.match(v)]
+            if text and (len(text) < len(out) or decimal_comma or by == "pvs_load"):
+                shown = ", ".join(f"{c} (line {lines[c]}): {v!r}" for c, v in list(text.items())[:5])
+                raise UserError(f"{cov_path}: column {column!r} is numeric but has non-numeric value(s) "
+                                f"{shown}{' ...' if len(text) > 5 else ''}; use numbers with '.' as decimal "
+                                f"separator (fix or remove those values)")
+            if not text:
                 return {c: float(v) for c, v in out.items()}
+            if log:
+                cats = sorted(set(out.values()))
+                log(f"{column!r} is categorical ({len(cats)} categories: {', '.join(cats[:10])}"
+                    f"{' ...' if len(cats) > 10 else ''}): folds balanced on category counts")
             return {c: str(v) for c, v in out.items()}
     if by != "pvs_load":
         where = cov_path if table is not None else f"{dataset_dir} (no covariates.csv)"
@@ -96,10 +117,12 @@ def load_covariate(dataset_dir: Path, by: str) -> dict[str, object]:
             for c in cases}
 
 
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+
+
 def _is_number(v) -> bool:
     try:
-        float(v)
-        return True
+        return np.isfinite(float(v))
     except (TypeError, ValueError):
         return False
 
@@ -126,40 +149,51 @@ def fold_table(splits: list[dict], tests: list[list[str]], values: dict[str, obj
     return pd.DataFrame(rows)
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def write_splits(raw_dataset: Path, preprocessed_root: Path, by: str = "pvs_load", protocol: str = "nnunet",
                  seed: int = 0, n_folds: int = 5, force: bool = False, log=print) -> Path:
-    """Write ``splits_final.json`` (and Cai test lists) into ``preprocessed_root/<dataset>/``."""
-    values = load_covariate(raw_dataset, by)
+    """Write ``splits_final.json`` (and Cai test lists) into ``preprocessed_root/<dataset>/``.
+
+    The output folder is checked before anything is computed; every file is staged, then all are
+    renamed into place together, so a killed run leaves the old files or the new ones.
+    """
+    out_dir = Path(preprocessed_root) / Path(raw_dataset).name
+    target = out_dir / "splits_final.json"
+    check_writable_target(out_dir, "nnU-Net preprocessed dataset folder", want_dir=True)
+    check_writable_target(target, "splits file", want_dir=False)
+    for prefix in ("splits_final.json", "test_groups.json", "test_fold"):  # only our own files' leftovers
+        clean_leftovers(out_dir, prefix, log=log)
+    values = load_covariate(raw_dataset, by, log=log)
     groups = stratified_groups(values, n_folds, seed)
     splits, tests = make_folds(groups, protocol, seed)
-    out_dir = Path(preprocessed_root) / Path(raw_dataset).name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / "splits_final.json"
     if target.is_file():
         try:
             same = json.loads(target.read_text()) == splits
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             same = False
         if not same and not force:
             raise UserError(f"{target}: exists with different folds; pass --force to replace it "
                             "(models already trained on it would no longer match)")
-    _write_json(target, splits)
-    for old in out_dir.glob("test_fold*.txt"):
-        old.unlink()
+    files = {target: json.dumps(splits, indent=2)}
     test_json = out_dir / "test_groups.json"
     if protocol == "cai":
-        _write_json(test_json, {"protocol": "cai", "by": by, "seed": seed,
-                                "folds": [{"fold": k, "test": t} for k, t in enumerate(tests)]})
+        files[test_json] = json.dumps({"protocol": "cai", "by": by, "seed": seed,
+                                       "folds": [{"fold": k, "test": t} for k, t in enumerate(tests)]}, indent=2)
         for k, t in enumerate(tests):
-            (out_dir / f"test_fold{k}.txt").write_text("".join(f"{c}\n" for c in t))
-    elif test_json.is_file():
-        test_json.unlink()
+            files[out_dir / f"test_fold{k}.txt"] = "".join(f"{c}\n" for c in t)
+    obsolete = [p for p in [test_json, *out_dir.glob("test_fold*.txt")] if p not in files and p.exists()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = {path: staging_name(path) for path in files}
+    with sigterm_raises():
+        try:
+            for path, text in files.items():
+                staged[path].write_text(text)
+            for path in files:
+                os.replace(staged[path], path)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+        for p in obsolete:
+            p.unlink()
     table = fold_table(splits, tests, values)
     if protocol != "cai":
         table = table.drop(columns=["n_test"])

@@ -105,22 +105,38 @@ def binarize(data: np.ndarray, label_value: float | None) -> np.ndarray | None:
     return (data == 1).astype(np.uint8)
 
 
+def grid_difference(shape, affine, ref_shape, ref_affine, ref_name: str, tol: float) -> str | None:
+    """Why a voxel grid differs from the reference ``ref_name`` (shape, spacing, or affine beyond
+    ``tol``), or None when they match."""
+    if tuple(shape) != tuple(ref_shape):
+        return f"shape {tuple(shape)} differs from {ref_name} shape {tuple(ref_shape)}"
+    affine, ref_affine = np.asarray(affine, float), np.asarray(ref_affine, float)
+    diff = float(np.abs(affine - ref_affine).max())
+    if diff <= tol:
+        return None
+    zooms, ref_zooms = (np.linalg.norm(a[:3, :3], axis=0) for a in (affine, ref_affine))
+    if np.abs(zooms - ref_zooms).max() > tol:
+        def fmt(z):
+            return " x ".join(f"{v:.3g}" for v in z)
+        return (f"affine differs from {ref_name} by {diff:.3g}: spacing {fmt(zooms)} mm vs "
+                f"{fmt(ref_zooms)} mm (tolerance {tol:g})")
+    return f"affine differs from {ref_name} by {diff:.3g} (tolerance {tol:g})"
+
+
 def _geometry(sid, ref, ref_path, other, other_path, kind, tol, problems) -> bool:
-    if other[0].shape != ref[0].shape:
-        problems.add(sid, other_path, f"{kind} shape {other[0].shape} differs from {ref_path.name} "
-                                      f"shape {ref[0].shape}")
-        return False
-    diff = float(np.abs(other[1] - ref[1]).max())
-    if diff > tol:
-        problems.add(sid, other_path, f"{kind} affine differs from {ref_path.name} by {diff:.3g} "
-                                      f"(tolerance {tol:g}; images are never resampled)")
-        return False
-    return True
+    why = grid_difference(other[0].shape, other[1], ref[0].shape, ref[1], ref_path.name, tol)
+    if why is not None:
+        problems.add(sid, other_path, f"{kind} {why}; images are never resampled")
+    return why is None
 
 
 def validate(subjects: list[Subject], channels: list[str], label_value: float | None = None,
-             affine_tol: float = 1e-3, progress: bool = True) -> Checked:
-    """Check every subject; raise :class:`UserError` listing all problems, else return :class:`Checked`."""
+             affine_tol: float = 1e-3, progress: bool = True, allow_empty_labels: bool = False) -> Checked:
+    """Check every subject; raise :class:`UserError` listing all problems, else return :class:`Checked`.
+
+    Training masks that are all empty are an error unless ``allow_empty_labels``: nnU-Net would train on
+    them without complaint, and the usual cause is a wrong ``--label-value``.
+    """
     problems = Problems()
     warnings: list[str] = []
     if not subjects:
@@ -148,6 +164,8 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
 
     digest = hashlib.sha256(repr((list(channels), label_value)).encode())
     pvs_voxels: dict[str, int] = {}
+    mask_values: set[float] = set()
+    empty: list[str] = []
     it = subjects
     if progress:
         from tqdm import tqdm
@@ -172,6 +190,7 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
                 continue
             data = loaded[0]
             if kind == "mask":
+                mask_values.update(np.unique(data).tolist()[:20])
                 m = binarize(data, label_value)
                 if m is None:
                     vals = np.unique(data)
@@ -181,7 +200,7 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
                     continue
                 pvs_voxels[s.id] = int(m.sum())
                 if pvs_voxels[s.id] == 0:
-                    warnings.append(f"{s.id}: {path}: empty mask (no PVS voxel)")
+                    empty.append(f"{s.id}: {path}: empty mask (no PVS voxel)")
                 _hash(digest, m, loaded[1])
             else:
                 if np.issubdtype(data.dtype, np.floating) and not np.allclose(data, np.round(data)):
@@ -191,7 +210,36 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
         for k in sorted(s.covariates):
             digest.update(f"{k}={s.covariates[k]}".encode())
     problems.raise_if_any()
+    if empty:
+        values = ", ".join(f"{v:g}" for v in sorted(mask_values)[:10])
+        rule = f"--label-value {label_value:g}" if label_value is not None else "value 1 = PVS"
+        train = [s.id for s in subjects if s.resolved_split == "train" and s.id in pvs_voxels]
+        if train and not any(pvs_voxels[i] for i in train) and not allow_empty_labels:
+            raise UserError(f"all {len(train)} training mask(s) are empty with {rule} (mask values found: "
+                            f"{values}; first: {empty[0].rsplit(': ', 1)[0]}); "
+                            "check --label-value and the mask files, or pass --allow-empty-labels if "
+                            "empty labels are really meant. Nothing was written")
+        warnings.append(f"{len(empty)} of {len(pvs_voxels)} mask(s) are empty with {rule} (mask values "
+                        f"found: {values}): {', '.join(e.split(':')[0] for e in empty)}")
+        warnings.extend(empty)
+    warnings.extend(mixed_covariate_warnings(subjects))
     return Checked(pvs_voxels=pvs_voxels, warnings=warnings, fingerprint=digest.hexdigest())
+
+
+def mixed_covariate_warnings(subjects: list[Subject]) -> list[str]:
+    """Covariates that are numbers for some subjects and text for others ("unknown", "61,5"):
+    copied as given, but a stratified split on them would refuse them, so say so now."""
+    out = []
+    keys = sorted({k for s in subjects for k in s.covariates})
+    for k in keys:
+        vals = [(s.id, s.covariates[k]) for s in subjects if k in s.covariates]
+        text = [(sid, v) for sid, v in vals if not isinstance(v, (int, float))]
+        if text and len(text) < len(vals):
+            shown = ", ".join(f"{sid}={v!r}" for sid, v in text[:5]) + (" ..." if len(text) > 5 else "")
+            out.append(f"covariate {k!r}: non-numeric value(s) among numbers ({shown}); written as given, "
+                       f"but 'nnunet-pvs splits --by {k}' will refuse them (use '.' as decimal separator, "
+                       "fix or remove them)")
+    return out
 
 
 def _hash(digest, data: np.ndarray, affine: np.ndarray) -> None:

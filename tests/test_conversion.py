@@ -220,8 +220,10 @@ def test_duplicate_ids_and_missing_channel(nnunet_env, tmp_path):
 
 
 def test_empty_mask_is_a_warning(nnunet_env, tmp_path):
+    """One empty mask among non-empty ones is converted, and reported: a count and the subject."""
     proc, _ = _one_bad(tmp_path, nnunet_env, lambda p, rng: _save(p["mask"], np.zeros((16, 16, 4), np.uint8)))
     assert proc.returncode == 0
+    assert "warning: 1 of 3 mask(s) are empty with value 1 = PVS (mask values found: 0, 1): bad" in proc.stderr
     assert "warning: bad:" in proc.stderr and "empty mask" in proc.stderr and "bad_mask" in proc.stderr
     cov = pd.read_csv(nnunet_env["nnUNet_raw"] / "Dataset030_Bad" / "covariates.csv").set_index("case_id")
     assert cov.loc["bad", "pvs_voxels"] == 0
@@ -284,3 +286,45 @@ def test_converted_dataset_passes_nnunet_integrity_check(nnunet_env, tmp_path):
     run_cli([BIN / "nnUNetv2_extract_fingerprint", "-d", 24, "--verify_dataset_integrity", "-np", 1],
             env=nnunet_env["env"])
     assert (nnunet_env["nnUNet_preprocessed"] / "Dataset024_Conv" / "dataset_fingerprint.json").is_file()
+
+
+def test_numbers_mixed_with_text_in_a_covariate_are_flagged(nnunet_env, tmp_path):
+    csv, rows = _standard_manifest(tmp_path)
+    rows[1]["age"], rows[2]["age"] = "unknown", "61,5"
+    csv = _manifest(tmp_path, rows)
+    p = _convert(nnunet_env, "--manifest", csv, "-c", "T2w", "T1w", "-d", 25, "-n", "Conv")
+    line = next(ln for ln in p.stderr.splitlines() if "covariate 'age'" in ln)
+    assert "s1='unknown'" in line and "s2='61,5'" in line and "splits --by age" in line
+    assert "covariate 'sex'" not in p.stderr  # text only: a category, fine
+
+
+def test_tables_accept_tsv_semicolons_bom_and_na(tmp_path):
+    from nnunet_pvs.dataset_conversion.tables import read_table
+
+    f = tmp_path / "t.csv"
+    f.write_bytes("\ufeffid;age;site\na;61.5;NA\nb; 70 ;x\n".encode("utf-8"))
+    df = read_table(f, "table", id_column="id")
+    assert list(df.columns) == ["id", "age", "site"] and list(df["age"]) == ["61.5", "70"]
+    assert pd.isna(df.loc[0, "site"]) and df.attrs["lines"] == [2, 3]
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("participant_id\tage\nsub-01\t61,5\n")
+    assert read_table(tsv, "table").loc[0, "age"] == "61,5"
+
+
+def test_sigterm_while_staging_runs_the_clean_up():
+    import os
+    import signal
+
+    from nnunet_pvs.dataset_conversion.staging import sigterm_raises
+
+    cleaned = []
+    with pytest.raises(SystemExit) as e:
+        with sigterm_raises():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # the handler runs between bytecodes
+                    pass
+            finally:
+                cleaned.append(True)
+    assert e.value.code == 128 + signal.SIGTERM and cleaned == [True]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 
 from conftest import run_cli
 from nnunet_pvs.dataset_conversion.regions import region_masks
@@ -103,3 +104,59 @@ def test_cli_on_phantom_dataset(nnunet_env):
     bg = nib.load(str(out / "pvs000_bg.nii.gz")).get_fdata()
     wm = nib.load(str(out / "pvs000_wm.nii.gz")).get_fdata()
     assert bg.sum() > 0 and wm.sum() > 0 and "pvs000" in p.stdout
+
+
+def test_white_matter_is_the_evaluations_definition_hypointensities_included():
+    from nnunet_pvs.dataset_conversion import regions
+    from nnunet_pvs.evaluation.regions import ASEG_BASAL_GANGLIA, ASEG_WHITE_MATTER
+
+    assert regions.WHITE_MATTER is ASEG_WHITE_MATTER and regions.BASAL_GANGLIA is ASEG_BASAL_GANGLIA
+    lab = _label_map()
+    lab[10:12, 14:16, 14:16] = 77  # WM hypointensities
+    lab[3:4, 14:15, 20:21] = 78
+    res = region_masks(lab, np.eye(4))
+    assert res.masks["wm"][10:12, 14:16, 14:16].all() and res.masks["wm"][3, 14, 20]
+    assert res.masks["wm"].sum() == np.isin(lab, (2, 41, 77, 78)).sum()
+
+
+def test_dataset_label_map_on_another_grid_than_its_image_is_refused(nnunet_env):
+    from synthetic import write_tiny_dataset
+
+    root = write_tiny_dataset(nnunet_env["nnUNet_raw"], 15, n_cases=2, n_test=0, shape=(20, 20, 30))
+    (root / "regions").mkdir()
+    image_affine = nib.load(str(root / "imagesTr" / "case000_0000.nii.gz")).affine
+    nib.save(nib.Nifti1Image(_label_map(), image_affine), str(root / "regions" / "case000.nii.gz"))
+    nib.save(nib.Nifti1Image(_label_map(), np.eye(4)), str(root / "regions" / "case001.nii.gz"))
+    p = run_cli([CLI, "regions", "-d", 15], env=nnunet_env["env"], check=False)
+    assert p.returncode == 2 and "case001:" in p.stderr and "case001_0000.nii.gz" in p.stderr
+    assert "spacing 1 x 1 x 1 mm vs 0.69 x 0.69 x 2 mm" in p.stderr and "case000:" not in p.stderr
+    assert not (root / "region_masks").exists() and not [x for x in root.iterdir() if x.name.startswith(".")]
+
+
+def test_replacing_an_output_keeps_the_old_one_until_the_new_one_is_in(tmp_path, monkeypatch):
+    """The old output is renamed aside, not deleted, before the new one moves in: a failure in
+    between leaves the old output where it was."""
+    import os
+
+    from nnunet_pvs.dataset_conversion import staging
+
+    out, new = tmp_path / "masks", tmp_path / ".masks.new"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == new:
+            assert (Path(dst).parent / staging.staging_name(out, "old").name / "old.txt").is_file()
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(staging.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        staging.replace_folder(new, out)
+    assert (out / "old.txt").read_text() == "old"
+    monkeypatch.setattr(staging.os, "replace", real_replace)
+    staging.replace_folder(new, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["masks"] and (out / "new.txt").is_file()

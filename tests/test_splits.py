@@ -105,3 +105,76 @@ def test_cli_by_age_cai_and_pvs_load(nnunet_env):
     assert p.returncode == 2 and "covariates.csv" in p.stderr and "site" in p.stderr
     p = run_cli([CLI, "splits", "-d", 99], env=env, check=False)
     assert p.returncode == 2 and "Dataset099" in p.stderr
+
+
+def _spread_of_fold_means(folds: list[list[str]], values: dict[str, float]) -> float:
+    return float(np.std([np.mean([values[c] for c in f]) for f in folds]))
+
+
+def _random_split_spreads(values: dict[str, float], n: int = 2000) -> np.ndarray:
+    """Spread of the 5 fold means for ``n`` random 5-fold partitions of the same cases."""
+    rng = np.random.default_rng(123)
+    ids = sorted(values)
+    out = []
+    for _ in range(n):
+        perm = rng.permutation(ids)
+        out.append(_spread_of_fold_means([list(perm[k::5]) for k in range(5)], values))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("source", ["mask_voxels", "covariates_column"])
+def test_cli_by_pvs_load_spreads_the_load_across_folds(nnunet_env, source):
+    """The default ``--by pvs_load`` balances a heavy-tailed PVS load: every validation fold spans
+    the range and the spread of fold means is far below what random folds give (it would be a
+    random split's if the load were ignored). With ``pvs_voxels`` in covariates.csv that column is
+    the load, not the masks."""
+    import nibabel as nib
+
+    raw = nnunet_env["nnUNet_raw"]
+    root = raw / "Dataset014_Load"
+    (root / "labelsTr").mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    ids = [f"case{i:03d}" for i in range(25)]
+    mask_load = dict(zip(ids, np.unique(rng.lognormal(4.5, 0.9, 200).astype(int))[::-1][:25].tolist()))
+    rng.shuffle(ids)  # load uncorrelated with id order
+    mask_load = dict(zip(ids, mask_load.values()))
+    for cid, n in mask_load.items():
+        m = np.zeros(1000, np.uint8)
+        m[:n] = 1
+        nib.save(nib.Nifti1Image(m.reshape(10, 10, 10), np.eye(4)), str(root / "labelsTr" / f"{cid}.nii.gz"))
+    load = {c: float(v) for c, v in mask_load.items()}
+    if source == "covariates_column":  # a different load per case than the masks hold
+        load = dict(zip(sorted(load), rng.permutation(list(load.values())).tolist()))
+        pd.DataFrame({"case_id": list(load), "pvs_voxels": [int(v) for v in load.values()]}).to_csv(
+            root / "covariates.csv", index=False)
+    p = run_cli([CLI, "splits", "-d", 14], env=nnunet_env["env"])
+    assert "stratified by pvs_load" in p.stdout
+    splits = json.loads((nnunet_env["nnUNet_preprocessed"] / root.name / "splits_final.json").read_text())
+    folds = [s["val"] for s in splits]
+    assert sorted(c for f in folds for c in f) == sorted(load)
+    # balance of the load's ranks: far below what random folds give (1st percentile of 2000)
+    order = sorted(load, key=lambda c: (load[c], c))
+    rank = {c: float(r) for r, c in enumerate(order)}
+    ours = _spread_of_fold_means(folds, rank)
+    random_spreads = _random_split_spreads(rank)
+    assert ours < np.percentile(random_spreads, 1), (ours, np.percentile(random_spreads, [1, 50]))
+    # the documented bound on the load itself: a fold's mean is within (max - min) / n_blocks of
+    # the overall mean (5 full blocks here)
+    v = np.array(list(load.values()))
+    for f in folds:
+        assert abs(np.mean([load[c] for c in f]) - v.mean()) <= (v.max() - v.min()) / 5 + 1e-9
+    # each fold takes one case of every block of 5 sorted loads, the lowest and the highest included
+    for f in folds:
+        assert len(set(f) & set(order[:5])) == 1 and len(set(f) & set(order[-5:])) == 1
+
+
+def test_text_covariate_is_categorical_and_said_so(nnunet_env):
+    root = write_tiny_dataset(nnunet_env["nnUNet_raw"], 16, n_cases=10, n_test=0, shape=(8, 8, 4))
+    sites = ["A", "B"] * 5
+    pd.DataFrame({"case_id": [f"case{i:03d}" for i in range(10)], "site": sites}).to_csv(
+        root / "covariates.csv", index=False)
+    p = run_cli([CLI, "splits", "-d", 16, "--by", "site"], env=nnunet_env["env"])
+    assert "'site' is categorical (2 categories: A, B)" in p.stdout and "val_counts" in p.stdout
+    splits = json.loads((nnunet_env["nnUNet_preprocessed"] / root.name / "splits_final.json").read_text())
+    site = dict(zip([f"case{i:03d}" for i in range(10)], sites))
+    assert all(sorted(site[c] for c in s["val"]) == ["A", "B"] for s in splits)
