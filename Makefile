@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# panoptica (a test cross-check) pins numpy/pandas below the versions nnU-Net resolves; its own
+	# dependencies are in the test extra, so it is installed without letting it downgrade them
+	$(BIN)/python -m pip install --quiet --no-deps "panoptica==2.1.7"
 	$(BIN)/python -c "import nnunetv2, torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	touch $(STAMP)
 

@@ -1,8 +1,12 @@
-"""PVS evaluation (issue 5): plain functions on numpy arrays, with thin CLIs on top.
+"""PVS evaluation: plain functions on numpy arrays, with thin CLIs on top.
 
-voxel_metrics (DSC/SEN/PPV, empty-case convention), clusters (Boutinaud cluster rule, VALDO IoU
-rule, size filtering, size agreement), surface_distance (HD95, per-cluster HD95), case (all
-metrics of one case over thresholds and regions), io, regions, sweeps, cohort_stats, report,
-plots, cli_evaluate (`nnunet-pvs evaluate`), cli_cohort (`nnunet-pvs evaluate-cohort`).
+voxel_metrics (DSC/SEN/PPV, empty-case convention), clusters (matching rules: Boutinaud's overlap,
+many-to-many IoU, one-to-one maximum matching; size filtering, size agreement), lesion_metrics
+(panoptic quality, per-lesion Dice, size groups), protocols (VALDO 2021, EPVS 2024 and SHiVAi
+rules), surface_distance (HD95, Hausdorff, voxel-count surface Dice, per-cluster HD95),
+surface_dice (area-weighted surface Dice of Nikolov et al.), cluster_regions (one region per
+cluster), case (all metrics of one case over thresholds and regions), io, regions, sweeps,
+cohort_stats, report, output_dir (output folders replaced as a whole), plots, cli_evaluate
+(`nnunet-pvs evaluate`), cli_cohort (`nnunet-pvs evaluate-cohort`).
 User documentation: docs/evaluation.md.
 """

@@ -13,12 +13,14 @@ import sys
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
+from nnunet_pvs.evaluation.output_dir import check_output_dir, staged_output
 from nnunet_pvs.evaluation.regions import load_regions
 from nnunet_pvs.evaluation.report import atomic_csv, atomic_write_text, markdown_table
 from nnunet_pvs.evaluation.sweeps import parse_range
@@ -50,13 +52,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default 1)")
 
 
+def _numeric(df: pd.DataFrame, col: str, source: Path, what: str) -> None:
+    """Column ``col`` as numbers in place; a text or empty cell is a user error naming it."""
+    vals = pd.to_numeric(df[col], errors="coerce")
+    bad = vals.isna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{source}: {what} column {col!r} has a non-numeric or empty value "
+                        f"{df[col].iloc[i]!r} (row {i + 2}, case {df['case'].iloc[i]})")
+    df[col] = vals
+
+
+def _no_duplicates(df: pd.DataFrame, keys: list[str], source: Path) -> None:
+    dup = df.duplicated(keys, keep=False)
+    if dup.any():
+        first = df.loc[dup, keys].astype(str).agg("/".join, axis=1).iloc[0]
+        raise UserError(f"{source}: {int(dup.sum())} rows repeat the same {'/'.join(keys)}, e.g. {first}; "
+                        "each must appear once")
+
+
 def _count_one(job) -> list[dict]:
-    case, files, region_dir, cohort, thr, connectivity, sizes = job
+    case, files, region_dir, cohort, thr, connectivity, sizes, case_ids = job
     vol, path = io.load_prediction(files, case)
     mask = vol.data >= thr if vol.data.dtype != bool else vol.data
     regions = [("whole", None)]
     if region_dir is not None:
-        for name, m, rvol, rpath in load_regions(region_dir, case):
+        for name, m, rvol, rpath in load_regions(region_dir, case, case_ids):
             if rvol.data.shape != mask.shape:
                 raise UserError(f"{case}: shape {rvol.data.shape} of {rpath} differs from prediction "
                                 f"{path} {mask.shape}")
@@ -82,24 +103,38 @@ def _counts(source: Path, region_dir, cohort: str, args, sizes) -> pd.DataFrame:
         if "cohort" in df.columns and df["cohort"].nunique() > 1:
             raise UserError(f"{source}: counts CSV holds several cohorts "
                             f"({', '.join(map(str, df['cohort'].unique()))}); give one cohort per file")
+        if df["case"].isna().any():
+            raise UserError(f"{source}: counts CSV has rows without a case id")
+        for col in ("min_cluster_size", "n_clusters"):
+            _numeric(df, col, source, "counts")
+        df["region"] = df["region"].astype(str)
+        _no_duplicates(df, ["case", "region", "min_cluster_size"], source)
+        have = set(df["min_cluster_size"].astype(int))
+        lacking = sorted(set(sizes) - have)
+        if lacking:
+            raise UserError(f"{source}: no counts for size filter(s) {', '.join(map(str, lacking))} "
+                            f"(the file has {', '.join(map(str, sorted(have)))}); recount with "
+                            "--min-cluster-sizes matching, or change --min-cluster-sizes/--count-min-size")
+        df = df[df["min_cluster_size"].isin(sizes)].copy()
+        df["min_cluster_size"] = df["min_cluster_size"].astype(int)
         df["cohort"] = cohort
         return df[COUNT_COLUMNS]
     if region_dir is not None and not region_dir.is_dir():
         raise UserError(f"{region_dir}: region folder does not exist")
     preds = io.gather_predictions(source)
-    jobs = [(c, f, region_dir, cohort, args.threshold, args.connectivity, sizes) for c, f in sorted(preds.items())]
+    jobs = [(c, f, region_dir, cohort, args.threshold, args.connectivity, sizes, set(preds))
+            for c, f in sorted(preds.items())]
     rows = []
-    bar = tqdm(total=len(jobs), desc=f"count {cohort}", unit="case", file=sys.stderr)
-    if args.num_processes > 1:
-        with get_context("fork").Pool(min(args.num_processes, len(jobs))) as pool:
-            for r in pool.imap(_count_one, jobs):
-                rows += r
+    with tqdm(total=len(jobs), desc=f"count {cohort}", unit="case", file=sys.stderr) as bar:
+        if args.num_processes > 1:
+            with get_context("fork").Pool(min(args.num_processes, len(jobs))) as pool:
+                for r in pool.imap(_count_one, jobs):
+                    rows += r
+                    bar.update()
+        else:
+            for job in jobs:
+                rows += _count_one(job)
                 bar.update()
-    else:
-        for job in jobs:
-            rows += _count_one(job)
-            bar.update()
-    bar.close()
     return pd.DataFrame(rows, columns=COUNT_COLUMNS)
 
 
@@ -117,6 +152,12 @@ def _visual(args, counts: pd.DataFrame, cohort: str) -> tuple[pd.DataFrame, list
         raise UserError(f"{args.visual}: no column(s) {', '.join(lacking)} (has {', '.join(vis.columns)})")
     if "region" not in vis.columns:
         vis["region"] = args.count_region
+    vis["region"] = vis["region"].astype(str)
+    if vis["case"].isna().any():
+        raise UserError(f"{args.visual}: rows without a case id")
+    _no_duplicates(vis, ["case", "region"], args.visual)
+    for c in cols:
+        _numeric(vis, c, args.visual, "rater" if c in raters else "rating")
     a = counts[(counts["cohort"] == cohort)
                & (counts["min_cluster_size"] == args.count_min_size)]
     merged = vis.merge(a[["case", "region", "n_clusters"]], on=["case", "region"], how="left")
@@ -152,6 +193,10 @@ def run(args) -> int:
         raise UserError("nothing to compare: give --visual and/or --compare")
     if args.visual is not None and not args.visual.is_file():
         raise UserError(f"{args.visual}: visual CSV does not exist")
+    for src in (args.pred, args.compare):
+        if src is not None and not src.exists():
+            raise UserError(f"{src}: does not exist (give a prediction folder or a counts.csv)")
+    check_output_dir(args.output, "evaluate-cohort", ("counts.csv", "cohort_report.md"))
     counts = _counts(args.pred, args.regions, labels[0], args, sizes)
     if args.compare is not None:
         counts = pd.concat([counts, _counts(args.compare, args.compare_regions, labels[1], args, sizes)],
@@ -172,6 +217,12 @@ def run(args) -> int:
             md += [f"## Visual rating `{args.rating_column}` vs predicted counts (ordinal logistic regression)",
                    "", markdown_table(orl), ""]
     if args.compare is not None:
+        for side, other in ((labels[0], labels[1]), (labels[1], labels[0])):
+            only = sorted(set(counts.loc[counts["cohort"] == side, "region"])
+                          - set(counts.loc[counts["cohort"] == other, "region"]))
+            if only:
+                raise UserError(f"region(s) {', '.join(only)} counted in cohort {side} only; give both "
+                                "cohorts the same regions (--regions / --compare-regions)")
         ks = []
         for (region, s), g in counts.groupby(["region", "min_cluster_size"], sort=True):
             a = g.loc[g["cohort"] == labels[0], "n_clusters"]
@@ -181,23 +232,23 @@ def run(args) -> int:
         outputs["ks.csv"] = ks
         md += [f"## Cluster counts, {labels[0]} vs {labels[1]} (two-sample Kolmogorov-Smirnov)", "",
                markdown_table(ks), ""]
-    args.output.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        from nnunet_pvs.evaluation import plots as pl
-        if merged is not None and raters:
-            for region, g in merged.groupby("region", sort=False):
-                pngs.append(pl.counts_vs_visual(g, raters, sp[sp["region"] == region],
-                                                args.output / f"counts_vs_visual_{region}.png"))
-        if args.compare is not None:
-            for (region, s), g in counts.groupby(["region", "min_cluster_size"], sort=True):
-                pngs.append(pl.count_distributions(
-                    g.loc[g["cohort"] == labels[0], "n_clusters"].to_numpy(),
-                    g.loc[g["cohort"] == labels[1], "n_clusters"].to_numpy(), tuple(labels),
-                    f"{region}, clusters > {s} voxels", args.output / f"count_cdf_{region}_min{s}.png"))
-    for name, df in outputs.items():
-        atomic_csv(df, args.output / name)
-    if pngs:
-        md += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
-    atomic_write_text(args.output / "cohort_report.md", "\n".join(md))
+    with staged_output(args.output, "evaluate-cohort") as stage:
+        if not args.no_plots:
+            from nnunet_pvs.evaluation import plots as pl
+            if merged is not None and raters:
+                for region, g in merged.groupby("region", sort=False):
+                    pngs.append(pl.counts_vs_visual(g, raters, sp[sp["region"] == region],
+                                                    stage / f"counts_vs_visual_{region}.png"))
+            if args.compare is not None:
+                for (region, s), g in counts.groupby(["region", "min_cluster_size"], sort=True):
+                    pngs.append(pl.count_distributions(
+                        g.loc[g["cohort"] == labels[0], "n_clusters"].to_numpy(),
+                        g.loc[g["cohort"] == labels[1], "n_clusters"].to_numpy(), tuple(labels),
+                        f"{region}, clusters > {s} voxels", stage / f"count_cdf_{region}_min{s}.png"))
+        for name, df in outputs.items():
+            atomic_csv(df, stage / name)
+        if pngs:
+            md += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
+        atomic_write_text(stage / "cohort_report.md", "\n".join(md))
     print(f"cohort statistics in {args.output}")
     return 0

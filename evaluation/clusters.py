@@ -4,8 +4,14 @@ Default rule from Boutinaud et al. 2021 (Front. Neuroinform., section 2.5): clus
 26-connected components of each mask; a predicted cluster is TP if it holds at least one
 reference voxel, else FP; a reference cluster is FN if it holds no predicted voxel;
 TPR-CL = TP / (TP + FN), PPV-CL = TP / (TP + FP) with TP counted on the predicted side, and
-Dice-CL their harmonic mean. Optional rule from the VALDO 2021 challenge: a pair of clusters
-matches only if their IoU reaches a threshold (``iou:0.1``).
+Dice-CL their harmonic mean. Other rules (``--match``):
+
+- ``iou:T``: many-to-many; every pair of clusters with IoU >= T matches (any number of partners
+  on both sides). This is *not* the VALDO 2021 rule (that one is ``--protocol valdo``).
+- ``one-to-one[:iou:T]``: each cluster has at most one partner; the partners maximise the summed
+  IoU over the pairs with IoU >= T (``one-to-one``: IoU > 0), as panoptica's
+  ``MaxBipartiteMatching``; solved with ``scipy.optimize.linear_sum_assignment`` on the pairs that
+  compete, isolated pairs being matched directly.
 
 All counting goes through one table of overlapping (reference label, predicted label) pairs built
 with a single ``np.unique`` over the voxels where both masks are set, so there is no loop over
@@ -25,25 +31,38 @@ from nnunet_pvs.evaluation.voxel_metrics import harmonic_mean, safe_ratio
 
 @dataclass(frozen=True)
 class MatchRule:
-    """How two overlapping clusters are declared a match: ``overlap`` (any shared voxel) or ``iou``."""
+    """How clusters are paired: ``overlap`` (any shared voxel), ``iou`` (many-to-many, IoU >= T)
+    or ``one-to-one`` (maximum matching on IoU, pairs with IoU >= T, or IoU > 0 when T is 0)."""
 
     kind: str = "overlap"
     threshold: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> "MatchRule":
+        raw = text
         text = text.strip().lower()
         if text in ("overlap", "any"):
             return cls("overlap", 0.0)
-        if text.startswith("iou:"):
-            t = float(text.split(":", 1)[1])
-            if not 0.0 < t <= 1.0:
-                raise ValueError(f"IoU threshold must be in (0, 1], got {t}")
-            return cls("iou", t)
-        raise ValueError(f"unknown match rule {text!r} (use 'overlap' or 'iou:T')")
+        if text == "one-to-one":
+            return cls("one-to-one", 0.0)
+        for prefix, kind in (("one-to-one:iou:", "one-to-one"), ("iou:", "iou")):
+            if text.startswith(prefix):
+                try:
+                    t = float(text[len(prefix):])
+                except ValueError:
+                    raise ValueError(f"--match {raw!r}: the IoU threshold must be a number") from None
+                if not 0.0 < t <= 1.0:
+                    raise ValueError(f"--match {raw!r}: IoU threshold must be in (0, 1], got {t:g}")
+                return cls(kind, t)
+        raise ValueError(f"unknown match rule {raw!r} (use 'overlap', 'iou:T', 'one-to-one' or "
+                         "'one-to-one:iou:T')")
 
     def __str__(self) -> str:
-        return "overlap" if self.kind == "overlap" else f"iou:{self.threshold:g}"
+        if self.kind == "overlap":
+            return "overlap"
+        if self.kind == "iou":
+            return f"iou:{self.threshold:g}"
+        return "one-to-one" if self.threshold == 0 else f"one-to-one:iou:{self.threshold:g}"
 
 
 def label(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
@@ -73,6 +92,58 @@ class ClusterMatch:
     pair_inter: np.ndarray  # (k,) shared voxels
     matched: np.ndarray     # (k,) bool: the pair counts as a match under the rule
 
+    @property
+    def pair_iou(self) -> np.ndarray:
+        """Intersection over union of each overlapping pair."""
+        return self.pair_inter / (self.ref_sizes[self.pair_ref] + self.pred_sizes[self.pair_pred]
+                                  - self.pair_inter)
+
+    @property
+    def pair_dice(self) -> np.ndarray:
+        """Dice of each overlapping pair of clusters."""
+        return 2.0 * self.pair_inter / (self.ref_sizes[self.pair_ref] + self.pred_sizes[self.pair_pred])
+
+
+def maximum_matching(pair_ref: np.ndarray, pair_pred: np.ndarray, weight: np.ndarray,
+                     eligible: np.ndarray) -> np.ndarray:
+    """One-to-one matching of the eligible pairs that maximises the summed weight (bool per pair).
+
+    A pair whose reference and prediction have no other eligible pair is always part of an
+    optimum, so it is taken directly; only the pairs that compete go to
+    ``linear_sum_assignment``, on a dense table of just the clusters involved.
+    """
+    out = np.zeros(len(pair_ref), bool)
+    e = np.flatnonzero(eligible)
+    if len(e) == 0:
+        return out
+    r, p = pair_ref[e], pair_pred[e]
+    _, r_inv, r_cnt = np.unique(r, return_inverse=True, return_counts=True)
+    _, p_inv, p_cnt = np.unique(p, return_inverse=True, return_counts=True)
+    alone = (r_cnt[r_inv] == 1) & (p_cnt[p_inv] == 1)
+    out[e[alone]] = True
+    rest = e[~alone]
+    if len(rest):
+        from scipy.optimize import linear_sum_assignment  # imported only when pairs compete (slow import)
+
+        rows, ri = np.unique(pair_ref[rest], return_inverse=True)
+        cols, ci = np.unique(pair_pred[rest], return_inverse=True)
+        w = np.zeros((len(rows), len(cols)))
+        which = np.full((len(rows), len(cols)), -1, np.int64)
+        w[ri, ci] = weight[rest]
+        which[ri, ci] = rest
+        a, b = linear_sum_assignment(w, maximize=True)
+        chosen = which[a, b]
+        out[chosen[chosen >= 0]] = True
+    return out
+
+
+def one_to_one(m: "ClusterMatch", threshold: float = 0.0) -> np.ndarray:
+    """Maximum one-to-one matching on IoU of an overlap table (bool per pair): pairs with
+    IoU >= ``threshold``, or every overlapping pair (IoU > 0) when ``threshold`` is 0."""
+    iou = m.pair_iou
+    eligible = iou >= threshold - 1e-12 if threshold > 0 else m.pair_inter > 0
+    return maximum_matching(m.pair_ref, m.pair_pred, iou, eligible)
+
 
 def match_clusters(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray, n_pred: int,
                    rule: MatchRule = MatchRule(), ref_sizes: np.ndarray | None = None,
@@ -90,12 +161,12 @@ def match_clusters(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray, 
     key = r_at[hit].astype(np.int64) * (n_pred + 1) + p_at[hit]
     uniq, inter = np.unique(key, return_counts=True)
     pr, pp = uniq // (n_pred + 1), uniq % (n_pred + 1)
+    m = ClusterMatch(n_ref, n_pred, rs, ps, pr, pp, inter, inter > 0)
     if rule.kind == "iou":
-        iou = inter / (rs[pr] + ps[pp] - inter)
-        matched = iou >= rule.threshold - 1e-12
-    else:
-        matched = inter > 0
-    return ClusterMatch(n_ref, n_pred, rs, ps, pr, pp, inter, matched)
+        m.matched = m.pair_iou >= rule.threshold - 1e-12
+    elif rule.kind == "one-to-one":
+        m.matched = one_to_one(m, rule.threshold)
+    return m
 
 
 def counts(m: ClusterMatch, ref_keep: np.ndarray | None = None,

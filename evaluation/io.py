@@ -130,8 +130,13 @@ def read_probabilities(npz: Path, case: str) -> Volume:
     """Foreground probability of an nnU-Net ``.npz`` in nibabel axis order, geometry from ``.pkl``.
 
     Channel 1 is the foreground of a binary (background, PVS) task; a single-channel file is taken
-    as the foreground itself.
+    as the foreground itself. The ``.pkl`` nnU-Net writes beside every ``.npz`` is required:
+    without it a flipped or transposed map of the right shape could not be told from a correct one.
     """
+    pkl = npz.with_suffix(".pkl")
+    if not pkl.is_file():
+        raise UserError(f"{case}: {npz} has no {pkl.name} beside it (nnU-Net writes one with every .npz); "
+                        "without it the orientation cannot be checked against the reference")
     try:
         with np.load(npz) as f:
             if "probabilities" not in f:
@@ -151,20 +156,17 @@ def read_probabilities(npz: Path, case: str) -> Volume:
     if lo < -1e-4 or hi > 1 + 1e-4:
         raise UserError(f"{case}: {npz} probabilities outside [0, 1] (min {lo:g}, max {hi:g})")
     np.clip(fg, 0.0, 1.0, out=fg)
-    spacing, affine = None, None
-    pkl = npz.with_suffix(".pkl")
-    if pkl.exists():
-        try:
-            with open(pkl, "rb") as f:
-                props = pickle.load(f)
-            st = props["sitk_stuff"]
-            spacing = tuple(float(s) for s in st["spacing"])
-            direction = np.asarray(st["direction"], float).reshape(3, 3)
-            affine = np.eye(4)
-            affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-            affine[:3, 3] = _LPS_TO_RAS @ np.asarray(st["origin"], float)
-        except Exception as e:
-            raise UserError(f"{case}: cannot read nnU-Net properties {pkl}: {e}") from None
+    try:
+        with open(pkl, "rb") as f:
+            props = pickle.load(f)
+        st = props["sitk_stuff"]
+        spacing = tuple(float(s) for s in st["spacing"])
+        direction = np.asarray(st["direction"], float).reshape(3, 3)
+        affine = np.eye(4)
+        affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
+        affine[:3, 3] = _LPS_TO_RAS @ np.asarray(st["origin"], float)
+    except Exception as e:
+        raise UserError(f"{case}: cannot read nnU-Net properties {pkl}: {e}") from None
     return Volume(fg, spacing, affine)
 
 

@@ -61,7 +61,8 @@ def dice_cl_grid(pooled: pd.DataFrame, path: Path) -> str:
 
 
 def cluster_size_fit(pairs: pd.DataFrame, agreement: pd.DataFrame, threshold, path: Path) -> str:
-    """Predicted vs reference cluster size of TP clusters with the linear fit (Boutinaud Fig. 8)."""
+    """Predicted vs reference size of TP clusters with both linear fits (Boutinaud Fig. 8 axes:
+    reference on x, predicted on y)."""
     if not np.isnan(threshold):
         pairs = pairs[np.isclose(pairs["threshold"], threshold)]
         agreement = agreement[np.isclose(agreement["threshold"], threshold)]
@@ -69,15 +70,18 @@ def cluster_size_fit(pairs: pd.DataFrame, agreement: pd.DataFrame, threshold, pa
     fig, axes = plt.subplots(1, len(regions), figsize=(4.5 * len(regions), 4), squeeze=False)
     for ax, region in zip(axes[0], regions):
         g = pairs[pairs["region"] == region]
-        ax.scatter(g["pred_size_mm3"], g["ref_size_mm3"], s=8, alpha=0.5)
-        fit = agreement[agreement["region"] == region]
-        if len(fit) and np.isfinite(fit["slope"].iloc[0]) and len(g):
-            f = fit.iloc[0]
-            xs = np.linspace(0, g["pred_size_mm3"].max(), 50)
+        ax.scatter(g["ref_size_mm3"], g["pred_size_mm3"], s=8, alpha=0.5)
+        fits = agreement[agreement["region"] == region].set_index("dependent")
+        if len(g) and "predicted" in fits.index and np.isfinite(fits.loc["predicted", "slope"]):
+            f, b = fits.loc["predicted"], fits.loc["reference"]
+            xs = np.linspace(0, g["ref_size_mm3"].max(), 50)
             ax.plot(xs, f["slope"] * xs + f["intercept"], "k-",
-                    label=f"slope {f['slope']:.2f}, R$^2$ {f['r2']:.2f}, n {int(f['n'])}")
-            ax.legend(fontsize=8)
-        ax.set(xlabel="predicted cluster size (mm$^3$)", ylabel="reference cluster size (mm$^3$)",
+                    label=f"pred = {f['slope']:.2f} ref + {f['intercept']:.2f}, R$^2$ {f['r2']:.2f}, n {int(f['n'])}")
+            if np.isfinite(b["slope"]) and b["slope"] != 0:
+                ax.plot(xs, (xs - b["intercept"]) / b["slope"], "k:",
+                        label=f"ref = {b['slope']:.2f} pred + {b['intercept']:.2f}")
+            ax.legend(fontsize=7)
+        ax.set(xlabel="reference cluster size (mm$^3$)", ylabel="predicted cluster size (mm$^3$)",
                title=f"cluster size, {region}")
     return save(fig, path)
 

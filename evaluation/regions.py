@@ -16,8 +16,9 @@ from nnunet_pvs.evaluation.io import NIFTI_SUFFIXES, Volume, as_binary, read_nif
 
 # aseg labels: thalamus, caudate, putamen, pallidum, accumbens, left (10-13, 26) and right (49-52, 58)
 ASEG_BASAL_GANGLIA = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)
-# cerebral white matter, left and right (the basal ganglia are separate labels in aseg)
-ASEG_WHITE_MATTER = (2, 41)
+# cerebral white matter, left and right (the basal ganglia are separate labels in aseg), and the
+# white-matter hypointensities FreeSurfer/SynthSeg label inside it (77, and 78/79 left/right)
+ASEG_WHITE_MATTER = (2, 41, 77, 78, 79)
 
 
 def masks_from_label_map(data: np.ndarray) -> dict[str, np.ndarray]:
@@ -28,25 +29,39 @@ def masks_from_label_map(data: np.ndarray) -> dict[str, np.ndarray]:
     return {"bg": np.isin(data, ASEG_BASAL_GANGLIA), "wm": np.isin(data, ASEG_WHITE_MATTER)}
 
 
-def region_files(region_dir: Path, case: str) -> list[tuple[str | None, Path]]:
-    """(name or None for a label map, path) of the region files of one case."""
+def owner(stem: str, case_ids) -> str | None:
+    """The case a region file stem belongs to: the longest id equal to the stem or followed by
+    ``_`` (so ``pvs001_rescan_bg`` is ``pvs001_rescan``'s, not a region ``rescan_bg`` of ``pvs001``)."""
+    best = None
+    for c in case_ids:
+        if (stem == c or stem.startswith(c + "_")) and (best is None or len(c) > len(best)):
+            best = c
+    return best
+
+
+def region_files(region_dir: Path, case: str, case_ids=None) -> list[tuple[str | None, Path]]:
+    """(name or None for a label map, path) of the region files of one case.
+
+    ``case_ids``: every case id of the evaluation; a file goes to the longest id it matches, so
+    ids that extend another id (``pvs001`` and ``pvs001_rescan``) never take each other's files.
+    """
+    ids = set(case_ids or ()) | {case}
     out = []
     for p in sorted(Path(region_dir).iterdir()):
         for suf in NIFTI_SUFFIXES:
             if not p.name.endswith(suf):
                 continue
             stem = p.name[: -len(suf)]
-            if stem == case:
-                out.append((None, p))
-            elif stem.startswith(case + "_"):
-                out.append((stem[len(case) + 1:], p))
+            if owner(stem, ids) != case:
+                break
+            out.append((None, p) if stem == case else (stem[len(case) + 1:], p))
             break
     return out
 
 
-def load_regions(region_dir: Path, case: str) -> list[tuple[str, np.ndarray, Volume, Path]]:
+def load_regions(region_dir: Path, case: str, case_ids=None) -> list[tuple[str, np.ndarray, Volume, Path]]:
     """(name, mask, volume, path) for each region of the case; no file is a user error."""
-    files = region_files(region_dir, case)
+    files = region_files(region_dir, case, case_ids)
     if not files:
         raise UserError(f"{case}: no region file {case}.nii.gz or {case}_<name>.nii.gz in {region_dir}")
     out = []

@@ -1,4 +1,7 @@
-"""`nnunet-pvs evaluate` and `evaluate-cohort` as a user runs them, and the input readers."""
+"""`nnunet-pvs evaluate` and `evaluate-cohort` as a user runs them, and the input readers.
+
+Expected values come from independent code (medpy, scipy, brute-force loops) or from hand-built
+cases, never from the function the CLI calls."""
 
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from conftest import run_cli
 from scipy import ndimage, stats
 
 from nnunet_pvs.evaluation import io
-from nnunet_pvs.evaluation.case import Options, evaluate_case
 
 CLI = Path(sys.executable).parent / "nnunet-pvs"
 SHAPE = (20, 18, 8)
@@ -46,6 +48,42 @@ def write_nnunet_probabilities(prob: np.ndarray, ref_nifti: Path, out_stem: Path
     with open(f"{out_stem}.pkl", "wb") as f:
         pickle.dump(props, f)
     return props
+
+
+SPACING = (0.69, 0.69, 2.0)   # the zooms of AFFINE
+
+
+def independent_metrics(ref, pred, spacing):
+    """Expected per-case values from medpy and scipy (26-connected clusters, Boutinaud's rule by a
+    loop over clusters), independent of nnunet_pvs.evaluation."""
+    from medpy.metric import binary as mb
+
+    st = np.ones((3, 3, 3))
+    rl, nr = ndimage.label(ref, st)
+    pl, npred = ndimage.label(pred, st)
+    tp = sum(ref[pl == i].any() for i in range(1, npred + 1))
+    fn = sum(not pred[rl == i].any() for i in range(1, nr + 1))
+    vv = float(np.prod(spacing))
+    tpr, ppv = tp / (tp + fn), tp / npred
+    return {"dice": mb.dc(pred, ref), "sensitivity": mb.sensitivity(pred, ref), "ppv": mb.precision(pred, ref),
+            "cluster_tpr": tpr, "cluster_ppv": ppv, "cluster_dice": 2 * tpr * ppv / (tpr + ppv),
+            "n_ref_clusters": nr, "n_pred_clusters": npred, "ref_volume_mm3": ref.sum() * vv,
+            "pred_volume_mm3": pred.sum() * vv, "abs_volume_diff_mm3": abs(int(pred.sum()) - int(ref.sum())) * vv,
+            "hd95_mm": mb.hd95(pred, ref, voxelspacing=spacing)}
+
+
+def majority_mask(mask, regions: dict, name):
+    """The clusters of ``mask`` whose most voxels lie in region ``name`` (first listed wins ties;
+    ``None``: the clusters in no region), by a loop over clusters."""
+    lab, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    out = np.zeros(mask.shape, bool)
+    for i in range(1, n + 1):
+        c = lab == i
+        counts = [int((c & r).sum()) for r in regions.values()]
+        best = list(regions)[int(np.argmax(counts))] if max(counts) > 0 else None
+        if best == name:
+            out |= c
+    return out
 
 
 @pytest.fixture
@@ -94,7 +132,7 @@ def test_evaluate_binary_folder(data):
     assert set(fixed) <= set(pc.columns)
     assert list(pc["case"]) == ["sub-01", "sub-02", "sub-03"]
     ref, prob = cases["sub-02"]
-    expect = evaluate_case("x", ref, prob >= 0.5, (0.69, 0.69, 2.0), Options())["per_case"][0]
+    expect = independent_metrics(ref, prob >= 0.5, SPACING)
     got = pc[pc["case"] == "sub-02"].iloc[0]
     for k in fixed[1:]:
         assert got[k] == pytest.approx(expect[k], rel=1e-5), k
@@ -103,8 +141,11 @@ def test_evaluate_binary_folder(data):
     assert sorted(cs["min_cluster_size"].unique()) == [0, 1, 2, 3] and len(cs) == 12
     summ = pd.read_csv(out / "summary.csv")
     d = summ[(summ["region"] == "whole") & (summ["metric"] == "dice")].iloc[0]
-    assert d["mean"] == pytest.approx(pc["dice"].mean(), rel=1e-8)
-    assert d["std"] == pytest.approx(pc["dice"].std(), rel=1e-7)
+    dices = [independent_metrics(cases[c][0], cases[c][1] >= 0.5, SPACING)["dice"] for c in sorted(cases)]
+    desc = pd.Series(dices).describe()          # pandas: sample std (ddof 1), linear quartiles
+    for k, col in (("mean", "mean"), ("std", "std"), ("min", "min"), ("25%", "q1"), ("50%", "median"),
+                   ("75%", "q3"), ("max", "max")):
+        assert d[col] == pytest.approx(desc[k], rel=1e-7), col
     report = (out / "report.md").read_text()
     assert "| mean |" in report and "| std |" in report and "sub-03" in report
 
@@ -146,21 +187,36 @@ def test_evaluate_probabilities_sweep_regions_plots_and_workers(data):
     assert list(th.columns) == ["case", "region", "threshold", "metric", "value"]
     assert np.allclose(sorted(th["threshold"].unique()), np.arange(1, 10) / 10)
     ref, prob = cases["sub-01"]
-    expect = evaluate_case("x", ref, prob >= 0.3, (0.69, 0.69, 2.0), Options())["per_case"][0]
+    expect = independent_metrics(ref, prob >= 0.3, SPACING)
     sel = th[(th["case"] == "sub-01") & (th["region"] == "whole") & np.isclose(th["threshold"], 0.3)]
     got = dict(zip(sel["metric"], sel["value"]))
     for k in ("dice", "cluster_tpr", "cluster_ppv", "hd95_mm"):
         assert got[k] == pytest.approx(expect[k], rel=1e-5), k
+    # regions, majority mode: each cluster whole in the region holding most of its voxels
     wm = pc[(pc["case"] == "sub-01") & (pc["region"] == "wm")].iloc[0]
     wmask = np.zeros(SHAPE, bool)
     wmask[:10] = True
-    e_wm = evaluate_case("x", ref & wmask, (prob >= 0.5) & wmask, (0.69, 0.69, 2.0), Options())["per_case"][0]
+    bgmask = np.zeros(SHAPE, bool)
+    bgmask[10:, :9] = True
+    r_wm = majority_mask(ref, {"wm": wmask, "bg": bgmask}, "wm")
+    p_wm = majority_mask(prob >= 0.5, {"wm": wmask, "bg": bgmask}, "wm")
+    e_wm = independent_metrics(r_wm, p_wm, SPACING)
     assert wm["dice"] == pytest.approx(e_wm["dice"]) and wm["n_ref_clusters"] == e_wm["n_ref_clusters"]
+    whole_n = pc[(pc["case"] == "sub-01") & (pc["region"] == "whole")].iloc[0]["n_ref_clusters"]
+    outside = majority_mask(ref, {"wm": wmask, "bg": bgmask}, None)
+    assert wm["n_ref_clusters"] + pc[(pc["case"] == "sub-01") & (pc["region"] == "bg")].iloc[0][
+        "n_ref_clusters"] + ndimage.label(outside, np.ones((3, 3, 3)))[1] == whole_n
     for png in ("tpr_ppv_thresholds.png", "dice_cl_grid.png", "cluster_size_fit.png"):
         assert (out1 / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sa = pd.read_csv(out1 / "size_agreement.csv")
-    assert {"region", "threshold", "slope", "intercept", "r2", "n"} <= set(sa.columns)
-    assert set(sa["region"]) == {"whole", "bg", "wm"}
+    assert {"region", "threshold", "dependent", "independent", "slope", "intercept", "r2", "n"} <= set(sa.columns)
+    assert set(sa["region"]) == {"whole", "bg", "wm"} and set(sa["dependent"]) == {"reference", "predicted"}
+    # cut mode: both masks restricted voxel-wise (medpy on the cut masks)
+    out3 = tmp / "o3"
+    run_cli([CLI, *args, "-o", out3, "--no-plots", "--region-mode", "cut"])
+    wm3 = pd.read_csv(out3 / "per_case.csv", dtype={"case": str}).query("case == 'sub-01' and region == 'wm'").iloc[0]
+    e3 = independent_metrics(ref & wmask, (prob >= 0.5) & wmask, SPACING)
+    assert wm3["dice"] == pytest.approx(e3["dice"]) and wm3["n_ref_clusters"] == e3["n_ref_clusters"]
 
 
 def test_results_folder_and_missing_ids(data, tmp_path):
@@ -206,6 +262,7 @@ def _bad(tmp, name, arr=None, npz=None, affine=AFFINE):
         save(arr, bad / "sub-02.nii.gz", affine)
     if npz is not None:
         np.savez_compressed(bad / "sub-02.npz", probabilities=npz)
+        (bad / "sub-02.pkl").write_bytes((tmp / "prob" / "sub-02.pkl").read_bytes())
     return bad
 
 
@@ -289,3 +346,109 @@ def test_evaluate_cohort(data):
     proc = run_cli([CLI, "evaluate-cohort", "--pred", tmp / "bin", "--visual", tmp / "visual.csv",
                     "--raters", "r3", "-o", tmp / "coh2"], check=False)
     assert proc.returncode == 2 and "r3" in proc.stderr and not (tmp / "coh2" / "counts.csv").exists()
+
+
+# ---------------------------------------------------------------- new metrics through the CLI
+def _write_challenge(tmp):
+    """The hand-built split/merge/IoU-0.1 case of test_evaluation_metrics as NIfTI files, plus an
+    empty case (both masks empty)."""
+    from test_evaluation_metrics import challenge_case
+
+    ref, pred = challenge_case()
+    eye = np.eye(4)
+    save(ref.astype(np.uint8), tmp / "cref" / "hand.nii.gz", eye)
+    save(pred.astype(np.uint8), tmp / "cpred" / "hand.nii.gz", eye)
+    save(np.zeros(ref.shape, np.uint8), tmp / "cref" / "void.nii.gz", eye)
+    save(np.zeros(ref.shape, np.uint8), tmp / "cpred" / "void.nii.gz", eye)
+    return ref, pred
+
+
+def test_cli_one_to_one_protocols_size_groups(tmp_path):
+    _write_challenge(tmp_path)
+    out = tmp_path / "out"
+    run_cli([CLI, "evaluate", "--ref", tmp_path / "cref", "--pred", tmp_path / "cpred", "-o", out,
+             "--match", "one-to-one:iou:0.5", "--protocol", "valdo,epvs,shivai", "--size-groups", "2,5",
+             "--nsd-tolerance", "1.5", "--surface-connectivity", "26", "--min-cluster-sizes", "0"])
+    pc = pd.read_csv(out / "per_case.csv").set_index("case")
+    h, v = pc.loc["hand"], pc.loc["void"]
+    assert (h["cluster_tp"], h["cluster_fp"], h["cluster_fn"]) == (2, 3, 3)
+    assert h["rq"] == pytest.approx(0.4) and h["sq"] == pytest.approx(0.5) and h["pq"] == pytest.approx(0.2)
+    assert h["valdo_f1"] == pytest.approx(0.4) and h["valdo_mean_tp_dice"] == pytest.approx((14 / 17 + 2 / 3) / 2)
+    assert h["epvs_precision"] == pytest.approx(0.8) and h["epvs_nvd"] == pytest.approx(11 / 26)
+    assert h["shivai_precision"] == pytest.approx(0.8)
+    assert h["iou"] == pytest.approx(13 / 28)
+    # both empty: package convention 1, VALDO/EPVS undefined or 0, SHiVAi 1, panoptica undefined
+    assert v["dice"] == 1 and np.isnan(v["valdo_f1"]) and np.isnan(v["epvs_dice"]) and v["epvs_recall"] == 0
+    assert v["shivai_f1"] == 1 and np.isnan(v["pq"]) and v["surface_dice"] == 1
+    g = pd.read_csv(out / "size_groups.csv")
+    hg = g[g["case"] == "hand"].set_index("size_group")
+    assert hg["n_ref_clusters"].tolist() == [2, 1, 2] and hg["false_positives"].tolist() == [3, 0, 0]
+    pooled = pd.read_csv(out / "size_groups_pooled.csv").set_index("size_group")
+    assert pooled.loc["> 5", "detection_rate"] == pytest.approx(0.5) and pooled.loc["> 5", "n_cases"] == 2
+    summ = pd.read_csv(out / "summary.csv")
+    assert {"q1", "q3", "min", "max", "median", "std"} <= set(summ.columns)
+    assert "valdo_f1" in set(summ["metric"])
+    report = (out / "report.md").read_text()
+    assert "ddof = 1" in report and "Protocols: valdo, epvs, shivai" in report and "Size groups" in report
+
+
+def test_cli_truth_from_dataset_json(tmp_path):
+    from medpy.metric import binary as mb
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "Dataset901_Phantom"
+    truths, refs, preds = {}, {}, {}
+    for cid in ("p01", "p02"):
+        truth = ndimage.binary_dilation(rng.random(SHAPE) > 0.985)
+        ref = truth & (rng.random(SHAPE) > 0.1)           # a rater misses some voxels
+        pred = ref ^ (ndimage.binary_dilation(rng.random(SHAPE) > 0.995) & (rng.random(SHAPE) > 0.5))
+        save(truth.astype(np.uint8), root / "labelsTr_truth" / f"{cid}.nii.gz")
+        save(ref.astype(np.uint8), root / "labelsTr" / f"{cid}.nii.gz")
+        save(pred.astype(np.uint8), tmp_path / "pred" / f"{cid}.nii.gz")
+        truths[cid], refs[cid], preds[cid] = truth, ref, pred
+    (root / "dataset.json").write_text('{"labels": {"background": 0, "PVS": 1}, '
+                                       '"nnunet_pvs": {"truth_labels": "labelsTr_truth"}}')
+    out = tmp_path / "out"
+    run_cli([CLI, "evaluate", "--ref", root / "labelsTr", "--pred", tmp_path / "pred", "-o", out, "--truth",
+             "--no-plots"])
+    pc = pd.read_csv(out / "per_case.csv").set_index("case")
+    for cid in truths:
+        assert pc.loc[cid, "truth_dice"] == pytest.approx(mb.dc(preds[cid], truths[cid]))
+        assert pc.loc[cid, "rater_truth_dice"] == pytest.approx(mb.dc(refs[cid], truths[cid]))
+        assert pc.loc[cid, "dice"] == pytest.approx(mb.dc(preds[cid], refs[cid]))
+    report = (out / "report.md").read_text()
+    assert "noise-free truth" in report and "annotation noise" in report
+    # explicit folder works the same; a dataset without truth is a clear error
+    out2 = tmp_path / "out2"
+    run_cli([CLI, "evaluate", "--ref", root / "labelsTr", "--pred", tmp_path / "pred", "-o", out2,
+             "--truth", root / "labelsTr_truth", "--no-plots"])
+    pd.testing.assert_frame_equal(pc, pd.read_csv(out2 / "per_case.csv").set_index("case"))
+    (root / "dataset.json").write_text('{"labels": {"background": 0, "PVS": 1}}')
+    proc = run_cli([CLI, "evaluate", "--ref", root / "labelsTr", "--pred", tmp_path / "pred", "-o",
+                    tmp_path / "out3", "--truth"], check=False)
+    assert proc.returncode == 2 and "declares no noise-free truth" in proc.stderr and "dataset.json" in proc.stderr
+    assert not (tmp_path / "out3").exists()
+
+
+def test_reused_output_folder_is_replaced_whole(data):
+    tmp, _ = data
+    out = tmp / "out"
+    run_cli([CLI, "evaluate", "--ref", tmp / "ref", "--pred", tmp / "prob", "-o", out, "--min-cluster-sizes", "0"])
+    assert (out / "thresholds.csv").exists() and (out / "tpr_ppv_thresholds.png").exists()
+    run_cli([CLI, "evaluate", "--ref", tmp / "ref", "--pred", tmp / "bin", "-o", out, "--no-plots",
+             "--min-cluster-sizes", "0"])
+    assert not (out / "thresholds.csv").exists() and not list(out.glob("*.png"))   # no stale files
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a failing run (a corrupt prediction) leaves the previous output untouched, no staging left
+    bad = tmp / "bad_pred"
+    bad.mkdir()
+    for cid in ("sub-01", "sub-02"):
+        (bad / f"{cid}.nii.gz").write_bytes((tmp / "bin" / f"{cid}.nii.gz").read_bytes())
+    (bad / "sub-03.nii.gz").write_bytes(b"garbage")
+    proc = run_cli([CLI, "evaluate", "--ref", tmp / "ref", "--pred", bad, "-o", out], check=False)
+    assert proc.returncode == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp.iterdir() if p.name.startswith(".")] == []
+    # the error line starts on a line of its own, not after an unfinished progress bar
+    i = proc.stderr.index("nnunet-pvs evaluate: error")
+    assert i == 0 or proc.stderr[i - 1] == "\n"

@@ -23,7 +23,7 @@ import numpy as np
 from nnunet_pvs.dataset_conversion.phantom.anatomy import LENTICULAR_LABELS, WM_LABELS, inward
 
 # Rendered tubes per cm3 of seed tissue at load 1 (before the rater's visibility rule drops faint ones).
-DENSITY = {"T2w": {"wm": 1.6, "bg": 10.0}, "T1w": {"wm": 0.3, "bg": 1.6}}
+DENSITY = {"T2w": {"wm": 2.0, "bg": 10.0}, "T1w": {"wm": 0.3, "bg": 3.0}}
 LOAD_SIGMA = 0.6      # log-normal spread of the per-subject load: p5-p95 ratio about 7, x age factor
 AGE_SLOPE = 0.03      # load rises by 3 % per year of age above the cohort's youngest
 DIAMETER = {"wm": (0.9, 0.40, 0.4, 2.5), "bg": (1.3, 0.35, 0.5, 3.0)}  # median mm, log-sd, min, max
