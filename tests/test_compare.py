@@ -167,7 +167,9 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
     make_dataset(nnunet_env)
     res = nnunet_env["nnUNet_results"]
     shutil.rmtree(model_folder(res, TWO_D) / "fold_4")
-    (model_folder(res, MFNS) / "fold_2" / "checkpoint_final.pth").unlink()
+    mfns2 = model_folder(res, MFNS) / "fold_2"
+    (mfns2 / "checkpoint_final.pth").unlink()   # still training: no final checkpoint, not validated
+    (mfns2 / "validation" / "summary.json").unlink()
     out = tmp_path / "report"
     proc = run_cli(compare_cmd(out, models=(BASE, MFNS, TWO_D, "nnUNetTrainerAEUNet:3d_fullres")),
                    env=nnunet_env["env"], check=False)
@@ -177,7 +179,8 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
     assert "nnUNetTrainerAEUNet:3d_fullres: not trained" in proc.stderr
 
     # restore MfNS_De: it and the baseline are compared; the 2d model and the AE U-Net are excluded
-    (model_folder(res, MFNS) / "fold_2" / "checkpoint_final.pth").write_bytes(b"x")
+    (mfns2 / "checkpoint_final.pth").write_bytes(b"x")
+    (mfns2 / "validation" / "summary.json").write_text("{}")
     proc = run_cli(compare_cmd(out, models=(BASE, MFNS, TWO_D, "nnUNetTrainerAEUNet:3d_fullres")),
                    env=nnunet_env["env"])
     md = (out / "report.md").read_text()
@@ -191,14 +194,16 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
     assert folds[(folds.model == TWO_D) & (folds.fold == 4)]["status"].item() == "missing"
 
     # the Python entry point: same options, returns the report path; a still-training fold is listed
-    (model_folder(res, MFNS) / "fold_2" / "checkpoint_final.pth").unlink()
+    (mfns2 / "checkpoint_final.pth").unlink()
+    (mfns2 / "validation" / "summary.json").unlink()
     from nnunet_pvs.compare import compare
     out2 = tmp_path / "report_py"
     from nnunet_pvs.errors import UserError
 
     with pytest.raises(UserError, match="no complete model besides the baseline"):
         compare(DATASET, [BASE, MFNS], out2, n_boot=100, plots=False)
-    (model_folder(res, MFNS) / "fold_2" / "checkpoint_final.pth").write_bytes(b"x")
+    (mfns2 / "checkpoint_final.pth").write_bytes(b"x")
+    (mfns2 / "validation" / "summary.json").write_text("{}")
     path = compare(DATASET, [BASE, MFNS, TWO_D], out2, baseline=BASE, n_boot=100, plots=False)
     assert path == out2.resolve() / "report.md" and path.is_file()
     assert f"**{TWO_D}**: fold 4 missing" in path.read_text().split("## Voxel-level")[0]

@@ -78,3 +78,58 @@ def test_training_log_parsing_counts_resumed_epochs_once(tmp_path):
     assert m["folds_with_logs"] == 1 and m["epochs_total"] == 3
     assert m["s_per_epoch_mean"] == pytest.approx(12.0)
     assert m["train_hours_total"] == pytest.approx(36.0 / 3600)
+
+
+def _signed(neg_ranks: set[int]) -> list[float]:
+    """Six paired differences 0.01..0.06 (ranks 1..6), negative at the given ranks."""
+    return [(-1 if r in neg_ranks else 1) * r / 100 for r in range(1, 7)]
+
+
+def test_holm_families_differ_over_metrics_and_regions():
+    """Two models x two metrics x two regions on six subjects without ties. scipy's exact two-sided
+    p of the signed-rank test is 2 * #{subsets of ranks 1..6 with sum <= W} / 64, so W = 0, 1, 2, 3
+    give p = 2/64, 4/64, 6/64, 10/64. Holm is then applied by hand to each family."""
+    p_of = {0: 2 / 64, 1: 4 / 64, 2: 6 / 64, 3: 10 / 64}
+    negative = {  # (region, metric, model) -> the rank that is negative (W), or none
+        ("whole", "dice", "M1"): set(), ("whole", "dice", "M2"): {1},
+        ("whole", "ppv", "M1"): {2}, ("whole", "ppv", "M2"): {3},
+        ("wm", "dice", "M1"): set(), ("wm", "dice", "M2"): {2},
+        ("wm", "ppv", "M1"): {1}, ("wm", "ppv", "M2"): {3},
+    }
+    cases = [f"s{i}" for i in range(6)]
+    rows = []
+    for region in ("whole", "wm"):
+        for model in ("B", "M1", "M2"):
+            for i, c in enumerate(cases):
+                row = {"model": model, "case": c, "region": region}
+                for metric in ("dice", "ppv"):
+                    d = 0.0 if model == "B" else _signed(negative[(region, metric, model)])[i]
+                    row[metric] = 0.5 + d
+                rows.append(row)
+    df = pd.DataFrame(rows)
+    fam_metric = paired_tests(df, "B", ["B", "M1", "M2"], ["dice", "ppv"], n_boot=50, alpha=0.07, family="metric")
+    fam_all = paired_tests(df, "B", ["B", "M1", "M2"], ["dice", "ppv"], n_boot=50, alpha=0.07, family="all")
+    assert len(fam_all) == 8
+    for out in (fam_metric, fam_all):
+        for _, r in out.iterrows():
+            w = min(negative[(r["region"], r["metric"], r["model"])], default=0)
+            assert r["p"] == pytest.approx(p_of[w], rel=1e-12)
+    # family "metric": two tests per (region, metric), (M1, M2):
+    # whole/dice 2/64, 4/64 -> 2 * 2/64 = 0.0625, max(0.0625, 4/64) = 0.0625
+    # whole/ppv  6/64, 10/64 -> 0.1875, max(0.1875, 0.15625) = 0.1875
+    # wm/dice    2/64, 6/64 -> 0.0625, 0.09375;  wm/ppv 4/64, 10/64 -> 0.125, 0.15625
+    expected_metric = {("whole", "dice"): (0.0625, 0.0625), ("whole", "ppv"): (0.1875, 0.1875),
+                       ("wm", "dice"): (0.0625, 0.09375), ("wm", "ppv"): (0.125, 0.15625)}
+    for (region, metric), (h1, h2) in expected_metric.items():
+        sub = fam_metric[(fam_metric.region == region) & (fam_metric.metric == metric)].set_index("model")
+        assert sub.loc["M1", "p_holm"] == pytest.approx(h1, rel=1e-12)
+        assert sub.loc["M2", "p_holm"] == pytest.approx(h2, rel=1e-12)
+    # family "all": eight tests; sorted p 2/64 x2, 4/64 x2, 6/64 x2, 10/64 x2
+    # -> 8*2/64 = 0.25, max(0.25, 7*2/64) = 0.25, 6*4/64 = 0.375, then max(0.375, ...) = 0.375 for the rest
+    for _, r in fam_all.iterrows():
+        w = negative[(r["region"], r["metric"], r["model"])]
+        assert r["p_holm"] == pytest.approx(0.25 if not w else 0.375, rel=1e-12)
+    # the families disagree on significance at alpha 0.07: M1 and M2 on whole-brain Dice
+    sig_metric = fam_metric[fam_metric.significant][["region", "metric", "model"]].values.tolist()
+    assert sorted(map(tuple, sig_metric)) == [("whole", "dice", "M1"), ("whole", "dice", "M2"), ("wm", "dice", "M1")]
+    assert not fam_all["significant"].any()

@@ -10,12 +10,18 @@ from nnunet_pvs.compare.run import DEFAULT_FOLDS, CompareOptions, run_compare
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (e.g. 1 or Dataset001_PVS)")
-    p.add_argument("--models", nargs="+", required=True, metavar="TRAINER:CONFIG[:PLANS]",
-                   help="models to compare, e.g. nnUNetTrainerMfNSDe:2d nnUNetTrainer:3d_fullres "
-                        "(plans default nnUNetPlans)")
-    p.add_argument("--baseline", metavar="TRAINER:CONFIG[:PLANS]",
+    p.add_argument("--models", nargs="+", required=True, metavar="TRAINER:CONFIG[:PLANS][@CHECKPOINT]",
+                   help="models to compare, e.g. nnUNetTrainerMfNSDe:2d@checkpoint_epoch50.pth nnUNetTrainer:3d_fullres "
+                        "frangi (plans default nnUNetPlans; @final, the default, uses nnU-Net's validation outputs, "
+                        "another checkpoint of the fold folder is re-predicted; frangi: Frangi vesselness tuned on "
+                        "each fold's training subjects)")
+    p.add_argument("--baseline", metavar="TRAINER:CONFIG[:PLANS][@CHECKPOINT]",
                    help="model the others are tested against (added to --models if absent; default: the first "
-                        "stock nnUNetTrainer model, else the first model)")
+                        "stock nnU-Net model (nnUNetTrainer or a variant such as nnUNetTrainer_budget), else the "
+                        "first network)")
+    p.add_argument("--protocol", choices=("nnunet", "cai"), default="nnunet",
+                   help="nnunet: each fold's validation cases (default); cai: each fold's test group from "
+                        "`nnunet-pvs splits --protocol cai`, predicted by the model trained without it")
     p.add_argument("-o", "--output", required=True, type=Path, help="report folder (report.md, CSVs, PNGs)")
     p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS),
                    help="folds that must be complete (default 0 1 2 3 4)")
@@ -28,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where test-set predictions go, one subfolder per model, reused when complete "
                         "(default: <output>_predictions)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"),
-                   help="nnUNetv2_predict -device for --test-set (default cuda)")
+                   help="device for predictions (--test-set, @checkpoint models, --protocol cai) (default cuda)")
+    p.add_argument("--frangi-ridges", choices=("auto", "bright", "dark"), default="auto",
+                   help="frangi: bright (T2w) or dark (T1w) ridges; auto reads channel 0's name in dataset.json")
+    p.add_argument("--frangi-no-mask", action="store_true",
+                   help="frangi: use the whole image instead of a brain mask derived from it")
     p.add_argument("--regions", type=Path,
                    help="per-case region maps (as for nnunet-pvs evaluate): adds region-wise tables and tests")
     p.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26, help="cluster connectivity (default 26)")
@@ -68,7 +78,8 @@ def options_from_args(args) -> CompareOptions:
         test_set=args.test_set, labels=args.labels, regions=args.regions, predictions_dir=args.predictions_dir,
         device=args.device, connectivity=args.connectivity, match=args.match, n_boot=args.n_boot, seed=args.seed,
         holm_family=args.holm_family, alpha=args.alpha, num_processes=args.num_processes,
-        plots=not args.no_plots, geometry_tol=args.geometry_tol, emit_slurm=args.emit_slurm,
+        plots=not args.no_plots, geometry_tol=args.geometry_tol, protocol=args.protocol,
+        frangi_ridges=args.frangi_ridges, frangi_mask=not args.frangi_no_mask, emit_slurm=args.emit_slurm,
         slurm_gpus=args.slurm_gpus, slurm_partition=args.slurm_partition, slurm_account=args.slurm_account,
         slurm_time=args.slurm_time, slurm_cpus=args.slurm_cpus, slurm_mem=args.slurm_mem,
         slurm_pred_parts=args.slurm_pred_parts, slurm_setup=args.slurm_setup,

@@ -20,37 +20,82 @@ DEFAULT_PLANS = "nnUNetPlans"
 NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
+FINAL = "final"
+FINAL_CHECKPOINT = "checkpoint_final.pth"
+#: classical baselines accepted as a model name in ``--models``
+CLASSICAL_MODELS = ("frangi",)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model: ``Trainer:config`` or ``Trainer:config:Plans``."""
+    """One model: ``Trainer:config[:Plans][@checkpoint]``, or a classical baseline (``frangi``).
+
+    ``@final`` (the default) means nnU-Net's own validation outputs of ``checkpoint_final.pth``;
+    any other checkpoint file of the fold folder is re-predicted (``compare.repredict``)."""
 
     trainer: str
-    config: str
+    config: str = ""
     plans: str = DEFAULT_PLANS
+    checkpoint: str = FINAL
 
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
-        parts = text.split(":")
+        text = str(text).strip()
+        if text.lower() in CLASSICAL_MODELS:
+            return cls(text.lower(), "", "", FINAL)
+        body, _, chk = text.partition("@")
+        parts = body.split(":")
         if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
-            raise UserError(f"model '{text}': expected Trainer:config or Trainer:config:Plans "
-                            "(e.g. nnUNetTrainer:3d_fullres)")
-        return cls(*(p.strip() for p in parts))
+            raise UserError(f"model '{text}': expected Trainer:config[:Plans][@checkpoint] "
+                            f"(e.g. nnUNetTrainer:3d_fullres) or one of {', '.join(CLASSICAL_MODELS)}")
+        chk = chk.strip()
+        if "@" in text and not chk:
+            raise UserError(f"model '{text}': empty checkpoint after '@' (e.g. @checkpoint_best.pth or @final)")
+        if chk in ("", FINAL, FINAL_CHECKPOINT):
+            chk = FINAL
+        elif not chk.endswith(".pth") or "/" in chk or "\\" in chk:
+            raise UserError(f"model '{text}': checkpoint '{chk}' must be @final or the file name of a checkpoint "
+                            "in the fold folder (e.g. @checkpoint_epoch50.pth, @checkpoint_best.pth)")
+        trainer, config, *plans = (p.strip() for p in parts)
+        return cls(trainer, config, plans[0] if plans else DEFAULT_PLANS, chk)
+
+    @property
+    def is_classical(self) -> bool:
+        return self.trainer in CLASSICAL_MODELS
+
+    @property
+    def network(self) -> "ModelSpec":
+        """The trained network this spec reads (same trainer, config and plans, at @final)."""
+        return ModelSpec(self.trainer, self.config, self.plans)
+
+    @property
+    def checkpoint_file(self) -> str:
+        return FINAL_CHECKPOINT if self.checkpoint == FINAL else self.checkpoint
 
     @property
     def label(self) -> str:
+        if self.is_classical:
+            return self.trainer
         base = f"{self.trainer}:{self.config}"
-        return base if self.plans == DEFAULT_PLANS else f"{base}:{self.plans}"
+        base = base if self.plans == DEFAULT_PLANS else f"{base}:{self.plans}"
+        return base if self.checkpoint == FINAL else f"{base}@{self.checkpoint}"
 
     @property
     def folder_name(self) -> str:
-        return f"{self.trainer}__{self.plans}__{self.config}"
+        return self.trainer if self.is_classical else f"{self.trainer}__{self.plans}__{self.config}"
+
+    @property
+    def is_stock(self) -> bool:
+        """nnU-Net's own trainer or one of its budget variants (``nnUNetTrainer_budget``, ``_250epochs``)."""
+        return self.trainer == "nnUNetTrainer" or self.trainer.startswith("nnUNetTrainer_")
 
 
 @dataclass
 class FoldStatus:
     fold: int
-    status: str          # complete | missing | still training | validation missing
+    status: str          # complete | missing | still training | validation missing | checkpoint deleted
     reason: str = ""
+    usable: bool = False
 
 
 @dataclass
@@ -61,7 +106,7 @@ class ModelResults:
 
     @property
     def incomplete(self) -> list[FoldStatus]:
-        return [f for f in self.folds if f.status != "complete"]
+        return [f for f in self.folds if not f.usable]
 
     @property
     def complete(self) -> bool:
@@ -69,15 +114,16 @@ class ModelResults:
 
     def describe_incomplete(self) -> str:
         """One line such as ``fold 4 missing; fold 2 still training (no checkpoint_final.pth)``."""
-        if not self.folder.is_dir():
+        if not self.spec.is_classical and not self.folder.is_dir():
             return f"not trained (no results folder {self.folder})"
         hints = {"missing": "", "still training": " (no checkpoint_final.pth)",
-                 "validation missing": " (no validation/summary.json)"}
+                 "validation missing": " (no validation/summary.json)",
+                 "checkpoint deleted": " (validation/summary.json exists but checkpoint_final.pth was deleted; "
+                                       "only @final in cross-validation can use it)"}
         parts = []
-        for status, hint in hints.items():
+        for status in dict.fromkeys(f.status for f in self.incomplete):
             fs = [str(f.fold) for f in self.incomplete if f.status == status]
-            if fs:
-                parts.append(f"fold{'s' if len(fs) > 1 else ''} {', '.join(fs)} {status}{hint}")
+            parts.append(f"fold{'s' if len(fs) > 1 else ''} {', '.join(fs)} {status}{hints.get(status, '')}")
         return "; ".join(parts)
 
 
@@ -115,14 +161,33 @@ def resolve_dataset(dataset: str) -> str:
     return found[0]
 
 
-def fold_status(fold_dir: Path, fold: int, need_validation: bool = True) -> FoldStatus:
+def fold_status(fold_dir: Path, fold: int, need_validation: bool = True,
+                checkpoint: str = FINAL) -> FoldStatus:
+    """State of one fold for one use: nnU-Net's validation outputs (``need_validation`` at
+    ``@final``), or a checkpoint to predict from. A fold whose validation finished but whose
+    checkpoint was deleted (to save space) is "checkpoint deleted", never "still training"."""
     if not fold_dir.is_dir():
         return FoldStatus(fold, "missing", f"no folder {fold_dir}")
-    if not (fold_dir / "checkpoint_final.pth").is_file():
-        return FoldStatus(fold, "still training", f"no checkpoint_final.pth in {fold_dir}")
-    if need_validation and not (fold_dir / "validation" / "summary.json").is_file():
-        return FoldStatus(fold, "validation missing", f"no validation/summary.json in {fold_dir}")
-    return FoldStatus(fold, "complete")
+    final = (fold_dir / FINAL_CHECKPOINT).is_file()
+    validated = (fold_dir / "validation" / "summary.json").is_file()
+    if need_validation and checkpoint == FINAL:
+        if validated:
+            return (FoldStatus(fold, "complete", usable=True) if final else
+                    FoldStatus(fold, "checkpoint deleted", f"no {FINAL_CHECKPOINT} in {fold_dir}; validation "
+                               "outputs used", usable=True))
+        if final:
+            return FoldStatus(fold, "validation missing", f"no validation/summary.json in {fold_dir}")
+        return FoldStatus(fold, "still training", f"no {FINAL_CHECKPOINT} in {fold_dir}")
+    wanted = FINAL_CHECKPOINT if checkpoint == FINAL else checkpoint
+    if (fold_dir / wanted).is_file():
+        return FoldStatus(fold, "complete", usable=True)
+    if not (final or validated):
+        return FoldStatus(fold, "still training", f"no {FINAL_CHECKPOINT} in {fold_dir}")
+    if checkpoint == FINAL:
+        return FoldStatus(fold, "checkpoint deleted", f"no {FINAL_CHECKPOINT} in {fold_dir}")
+    raise UserError(f"fold {fold}: checkpoint {fold_dir / wanted} not found (training finished without it, "
+                    f"or it was deleted); checkpoints there: "
+                    f"{', '.join(sorted(p.name for p in fold_dir.glob('*.pth'))) or 'none'}")
 
 
 def gather_model(results_dataset_dir: Path, spec: ModelSpec, folds: list[int],
@@ -130,7 +195,10 @@ def gather_model(results_dataset_dir: Path, spec: ModelSpec, folds: list[int],
     folder = results_dataset_dir / spec.folder_name
     res = ModelResults(spec, folder)
     for f in folds:
-        res.folds.append(fold_status(folder / f"fold_{f}", f, need_validation))
+        try:
+            res.folds.append(fold_status(folder / f"fold_{f}", f, need_validation, spec.checkpoint))
+        except UserError as e:
+            raise UserError(f"model {spec.label}: {e}") from None
     return res
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare.stats import METRIC_DIRECTION
+from nnunet_pvs.compare.training_progress import MIN_EPOCHS, RISE_TOL
 
 VOXEL_METRICS = [("dice", "DSC"), ("sensitivity", "SEN"), ("ppv", "PPV")]
 CLUSTER_METRICS = [("cluster_tpr", "cTPR"), ("cluster_ppv", "cPPV"), ("cluster_dice", "cDSC")]
@@ -40,6 +41,9 @@ class ReportData:
     cost: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    models_table: pd.DataFrame = field(default_factory=pd.DataFrame)   # model, checkpoint, budget, convergence
+    frangi: pd.DataFrame = field(default_factory=pd.DataFrame)         # per fold: chosen scales and threshold
 
 
 # ---------------------------------------------------------------- tables
@@ -188,7 +192,7 @@ def render_markdown(d: ReportData, plots: bool) -> str:
     out = [f"# {d.title}", ""]
     # Exclusions first: a reader must see at once which models are not in the tables.
     if d.excluded:
-        out += ["## Models excluded (still training or missing folds)", ""]
+        out += ["## Models excluded (missing folds, still training, not validated or checkpoint deleted)", ""]
         out += [f"- **{m}**: {why}" for m, why in d.excluded.items()]
         out += [""]
     else:
@@ -200,6 +204,24 @@ def render_markdown(d: ReportData, plots: bool) -> str:
     out += [f"- {n}" for n in d.notes]
     if d.notes:
         out += [""]
+    out += [f"**Warning:** {w}" for w in d.warnings] + ([""] if d.warnings else [])
+    if not d.models_table.empty:
+        out += ["## Models: checkpoint, budget and convergence", "",
+                "Budget = epochs run x training iterations per epoch, read from each fold's `training_log_*.txt` "
+                "and `debug.json`. Convergence: the EMA pseudo Dice nnU-Net logs per epoch; a fold is "
+                f"\"not converged at this budget\" when it rose by more than {RISE_TOL} over the last fifth of the "
+                f"epochs, \"undetermined\" with fewer than {MIN_EPOCHS} epochs.", ""]
+        mt = d.models_table.rename(columns={
+            "model": "Model", "status": "Status", "checkpoint": "Checkpoint used", "budget": "Budget run",
+            "convergence": "Convergence", "ema_pseudo_dice_last": "final EMA pseudo Dice (mean of folds)"})
+        out += [markdown_table(mt), ""]
+    if not d.frangi.empty:
+        out += ["### frangi: parameters tuned on training folds", "",
+                "Per fold, the scale set and threshold with the highest mean Dice on the fold's training subjects, "
+                "applied unchanged to the subjects it is scored on.", "",
+                markdown_table(d.frangi.rename(columns={
+                    "fold": "Fold", "n_train": "training subjects", "n_targets": "scored subjects",
+                    "sigmas_mm": "sigmas (mm)", "threshold": "threshold", "train_dice": "mean training Dice"})), ""]
     out += ["## Voxel-level results (Cai et al. 2024, Table 2 layout)", "",
             "One row per subject; DSC = Dice, SEN = sensitivity, PPV = positive predictive value; "
             "mean and sample std over subjects; best model per row in bold.", "",
@@ -256,23 +278,37 @@ def render_markdown(d: ReportData, plots: bool) -> str:
     out += ["## Files", "",
             "- `per_case_metrics.csv`: every metric of the evaluation module, per model, case and region",
             "- `table2_voxel.csv`, `table_cluster.csv`: the tables above (cases, mean, std)",
-            "- `stats.csv`: the paired tests; `training_cost.csv`; `folds.csv`: status of every requested fold", ""]
+            "- `stats.csv`: the paired tests; `training_cost.csv`; `folds.csv`: status of every requested fold",
+            "- `models.csv`: checkpoint, budget and convergence per model"
+            + ("; `frangi_tuning.csv`: the Frangi parameters per fold" if not d.frangi.empty else ""), ""]
     return "\n".join(out) + "\n"
 
 
-def _prepare_output(output: Path) -> None:
+def check_output_path(output: Path, what: str = "report folder", report: bool = True) -> None:
+    """Refuse an output that cannot be written, before anything is computed: a file, a foreign
+    non-empty folder (for the report), or a location without write permission."""
+    output = Path(output).resolve()
     if output.exists():
         if not output.is_dir():
-            raise UserError(f"{output}: exists and is not a folder")
-        if any(output.iterdir()) and not (output / REPORT_MARKER).is_file():
+            raise UserError(f"{output}: exists and is not a folder (the {what})")
+        if report and any(output.iterdir()) and not (output / REPORT_MARKER).is_file():
             raise UserError(f"{output}: folder exists, is not empty and is not a previous compare report; "
                             "choose another -o")
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise UserError(f"{output}: the {what} is not writable")
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{output}: {parent} is a file, so the {what} cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{output}: cannot write the {what} into {parent} (no write permission)")
 
 
 def write_report(output: Path, d: ReportData, plots: bool = True) -> Path:
     """Everything into a temporary folder next to ``output``, then swapped in with ``os.replace``."""
     output = Path(output).resolve()
-    _prepare_output(output)
+    check_output_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -286,6 +322,9 @@ def write_report(output: Path, d: ReportData, plots: bool = True) -> Path:
         d.stats.to_csv(tmp / "stats.csv", index=False)
         d.cost.to_csv(tmp / "training_cost.csv", index=False)
         d.folds.to_csv(tmp / "folds.csv", index=False)
+        d.models_table.to_csv(tmp / "models.csv", index=False)
+        if not d.frangi.empty:
+            d.frangi.to_csv(tmp / "frangi_tuning.csv", index=False)
         if plots:
             plot_boxes(d.per_case, d.models, tmp / "boxplots.png")
             plot_differences(d.per_case, d.models, d.baseline, tmp / "differences.png")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shlex
 import shutil
@@ -10,15 +12,18 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from nnunet_pvs.errors import UserError
+from nnunet_pvs.compare import classical, repredict
 from nnunet_pvs.compare import gather as g
 from nnunet_pvs.compare.evaluate import evaluate_models
-from nnunet_pvs.compare.report import STATS_METRICS, ReportData, write_report
+from nnunet_pvs.compare.report import STATS_METRICS, ReportData, check_output_path, write_report
 from nnunet_pvs.compare.stats import paired_tests
 from nnunet_pvs.compare.training_cost import model_cost
+from nnunet_pvs.compare.training_progress import model_progress
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.case import Options
 from nnunet_pvs.evaluation.clusters import MatchRule
@@ -49,6 +54,9 @@ class CompareOptions:
     num_processes: int = 1
     plots: bool = True
     geometry_tol: float = 1e-3
+    protocol: str = "nnunet"               # nnunet: 5-fold validation; cai: test groups of splits --protocol cai
+    frangi_ridges: str = "auto"            # auto (from dataset.json) | bright | dark
+    frangi_mask: bool = True               # restrict the Frangi baseline to a brain mask from the image
     # SLURM scale-out (only with emit_slurm)
     emit_slurm: Path | None = None
     slurm_gpus: int = 1
@@ -83,12 +91,14 @@ class CompareOptions:
             if val is not None:
                 a += [opt, str(val)]
         defaults = {f.name: f.default for f in fields(self)}
-        for name in ("device", "connectivity", "match", "n_boot", "seed", "holm_family", "alpha",
-                     "num_processes", "geometry_tol"):
+        for name in ("protocol", "device", "connectivity", "match", "n_boot", "seed", "holm_family", "alpha",
+                     "num_processes", "geometry_tol", "frangi_ridges"):
             if getattr(self, name) != defaults[name]:
                 a += ["--" + name.replace("_", "-"), str(getattr(self, name))]
         if not self.plots:
             a.append("--no-plots")
+        if not self.frangi_mask:
+            a.append("--frangi-no-mask")
         a += ["-o", str(self.output)]
         return a
 
@@ -98,6 +108,41 @@ def compare(dataset, models, output, **kwargs) -> Path:
     (of the SLURM script when ``emit_slurm`` is given). Keyword arguments: the fields of
     :class:`CompareOptions` (the CLI's options with ``-`` as ``_``). Bad input raises ``UserError``."""
     return run_compare(CompareOptions(dataset=dataset, models=models, output=output, **kwargs))
+
+
+def validate_options(opts: CompareOptions) -> None:
+    """Every numeric or named option checked before anything is read or computed."""
+    def bad(msg):
+        raise UserError(msg)
+
+    if not (isinstance(opts.n_boot, int) and opts.n_boot >= 1):
+        bad(f"--n-boot {opts.n_boot}: must be a positive integer (bootstrap resamples, e.g. 10000)")
+    if not (0.0 < float(opts.alpha) < 1.0):
+        bad(f"--alpha {opts.alpha}: must be strictly between 0 and 1 (e.g. 0.05)")
+    if not (isinstance(opts.seed, int) and opts.seed >= 0):
+        bad(f"--seed {opts.seed}: must be a non-negative integer")
+    if not (isinstance(opts.num_processes, int) and opts.num_processes >= 1):
+        bad(f"--num-processes {opts.num_processes}: must be a positive integer")
+    if not (float(opts.geometry_tol) >= 0.0 and np.isfinite(opts.geometry_tol)):
+        bad(f"--geometry-tol {opts.geometry_tol}: must be a finite number >= 0 (mm)")
+    if opts.connectivity not in (6, 18, 26):
+        bad(f"--connectivity {opts.connectivity}: choose 6, 18 or 26")
+    if not opts.folds:
+        bad("no fold given (--folds)")
+    if any(f < 0 for f in opts.folds) or len(set(opts.folds)) != len(opts.folds):
+        bad(f"--folds {' '.join(map(str, opts.folds))}: folds must be distinct non-negative integers")
+    if opts.holm_family not in ("metric", "all"):
+        bad(f"--holm-family must be 'metric' or 'all', got {opts.holm_family!r}")
+    if opts.protocol not in ("nnunet", "cai"):
+        bad(f"--protocol {opts.protocol!r}: choose nnunet (5-fold validation) or cai (test groups)")
+    if opts.protocol == "cai" and opts.test_set is not None:
+        bad("--protocol cai scores the training cases' test groups; it cannot be combined with --test-set")
+    if opts.frangi_ridges not in classical.RIDGES:
+        bad(f"--frangi-ridges {opts.frangi_ridges!r}: choose auto, bright or dark")
+    try:
+        MatchRule.parse(opts.match)
+    except ValueError as e:
+        bad(str(e))
 
 
 def parse_models(opts: CompareOptions) -> tuple[list[g.ModelSpec], g.ModelSpec]:
@@ -112,12 +157,11 @@ def parse_models(opts: CompareOptions) -> tuple[list[g.ModelSpec], g.ModelSpec]:
         if base not in specs:
             specs.insert(0, base)
     else:
-        stock = [s for s in specs if s.trainer == "nnUNetTrainer"]
-        base = stock[0] if stock else specs[0]
+        # nnU-Net's own trainer (or its budget variants): the others must beat stock nnU-Net
+        stock = [s for s in specs if s.is_stock]
+        base = stock[0] if stock else next((s for s in specs if not s.is_classical), specs[0])
     if len(specs) < 2:
         raise UserError(f"need at least two models to compare (got {specs[0].label})")
-    if not opts.folds:
-        raise UserError("no fold given (--folds)")
     return specs, base
 
 
@@ -131,6 +175,8 @@ def _predict_test_set(spec: g.ModelSpec, dataset: str, images: Path, out_dir: Pa
         exe = shutil.which("nnUNetv2_predict") or str(Path(sys.executable).parent / "nnUNetv2_predict")
         cmd = [exe, "-i", str(images), "-o", str(out_dir), "-d", dataset, "-c", spec.config, "-tr", spec.trainer,
                "-p", spec.plans, "-f", *map(str, folds), "-device", device, "--continue_prediction"]
+        if spec.checkpoint != g.FINAL:
+            cmd += ["-chk", spec.checkpoint]
         from nnunet_pvs.plugin_env import ENV_VAR, ext_trainer_value
 
         env = {**os.environ, ENV_VAR: ext_trainer_value()}
@@ -147,27 +193,79 @@ def _predict_test_set(spec: g.ModelSpec, dataset: str, images: Path, out_dir: Pa
     return {c: io.PredFiles(seg=found[c]) for c in expected}
 
 
-def run_compare(opts: CompareOptions) -> Path:
-    specs, base = parse_models(opts)
-    if opts.holm_family not in ("metric", "all"):
-        raise UserError(f"--holm-family must be 'metric' or 'all', got {opts.holm_family!r}")
+def _splits(name: str) -> list[dict]:
+    path = g.env_dir("nnUNet_preprocessed") / name / "splits_final.json"
     try:
-        MatchRule.parse(opts.match)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        splits = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: frangi, @checkpoint models and --protocol cai need the folds "
+                        "(nnunet-pvs splits, or the file nnU-Net writes when it first trains)") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(splits, list) or not all(isinstance(f, dict) and "train" in f and "val" in f for f in splits):
+        raise UserError(f"{path}: not nnU-Net's format (a list of {{'train': [...], 'val': [...]}})")
+    return splits
+
+
+def _cai_test_groups(name: str, splits: list[dict], folds: list[int]) -> dict[int, list[str]]:
+    """Fold -> test cases from ``test_groups.json`` (``nnunet-pvs splits --protocol cai``), checked to
+    be disjoint from the fold's training and validation cases and from each other."""
+    path = g.env_dir("nnUNet_preprocessed") / name / "test_groups.json"
+    try:
+        data = json.loads(path.read_text())
+        groups = {int(f["fold"]): list(f["test"]) for f in data["folds"]}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: --protocol cai needs the test groups written by "
+                        f"`nnunet-pvs splits -d {name} --protocol cai` before training") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable or not written by nnunet-pvs splits ({e})") from None
+    seen: dict[str, int] = {}
+    for f in folds:
+        if f not in groups or f >= len(splits):
+            raise UserError(f"{path}: no test group for fold {f}")
+        overlap = set(groups[f]) & (set(splits[f]["train"]) | set(splits[f]["val"]))
+        if overlap:
+            raise UserError(f"fold {f}: test case(s) {', '.join(sorted(overlap)[:10])} are also in its training or "
+                            "validation set (splits_final.json no longer matches test_groups.json)")
+        for c in groups[f]:
+            if c in seen:
+                raise UserError(f"{path}: case {c} is in the test groups of folds {seen[c]} and {f}")
+            seen[c] = f
+    return {f: groups[f] for f in folds}
+
+
+def _fold_cases(splits: list[dict], fold: int, key: str, name: str) -> list[str]:
+    if fold >= len(splits):
+        raise UserError(f"{name}: splits_final.json has {len(splits)} fold(s); fold {fold} requested")
+    return list(splits[fold][key])
+
+
+def run_compare(opts: CompareOptions) -> Path:
+    validate_options(opts)
+    specs, base = parse_models(opts)
     if opts.emit_slurm is not None:
         from nnunet_pvs.compare.slurm import write_slurm_script
 
-        return write_slurm_script(opts, specs, base)
+        trainable = list(dict.fromkeys(s.network for s in specs if not s.is_classical))
+        return write_slurm_script(opts, trainable, base.network)
+    check_output_path(opts.output)
     name = g.resolve_dataset(opts.dataset)
     results_dir = g.env_dir("nnUNet_results") / name
     if not results_dir.is_dir():
         raise UserError(f"{name}: no results folder {results_dir} (nothing trained yet?)")
     test_mode = opts.test_set is not None
+    cai = opts.protocol == "cai"
     if opts.labels is not None and not test_mode:
         raise UserError("--labels is for --test-set; cross-validation uses labelsTr")
+    if opts.regions is not None and not opts.regions.is_dir():
+        raise UserError(f"--regions {opts.regions}: folder not found")
     folds = list(opts.folds)
-    results = {s: g.gather_model(results_dir, s, folds, need_validation=not test_mode) for s in specs}
+    pred_root = opts.predictions_dir or opts.output.parent / f"{opts.output.name}_predictions"
+    networks = [s for s in specs if not s.is_classical]
+    need_repredict = cai or any(s.checkpoint != g.FINAL for s in networks if not test_mode)
+    if need_repredict or test_mode or any(s.is_classical for s in specs):
+        check_output_path(pred_root, what="predictions folder", report=False)
+    results = {s: g.gather_model(results_dir, s, folds, need_validation=not (test_mode or cai)) for s in networks}
     excluded = {s.label: r.describe_incomplete() for s, r in results.items() if not r.complete}
     if base.label in excluded:
         listing = "\n".join(f"  {lab}: {why}" for lab, why in excluded.items())
@@ -179,7 +277,15 @@ def run_compare(opts: CompareOptions) -> Path:
     for lab, why in excluded.items():
         print(f"compare: excluding {lab}: {why}", file=sys.stderr)
 
-    notes = []
+    raw_dir = g.env_dir("nnUNet_raw") / name
+    images_tr = raw_dir / "imagesTr"
+    ending = g.dataset_file_ending(raw_dir) or ".nii.gz"
+    notes: list[str] = []
+    preds: dict[str, dict[str, io.PredFiles]] = {}
+    frangi_jobs: list[classical.FoldJob] = []
+    target_images = images_tr
+    needs_folds = need_repredict or (not test_mode and any(s.is_classical for s in usable))
+    splits = _splits(name) if needs_folds else None
     if test_mode:
         images = g.dataset_relative(opts.test_set, name)
         if not images.is_dir():
@@ -192,24 +298,68 @@ def run_compare(opts: CompareOptions) -> Path:
         expected = g.image_case_ids(images)
         if not expected:
             raise UserError(f"{images}: no NIfTI images")
-        pred_root = opts.predictions_dir or opts.output.parent / f"{opts.output.name}_predictions"
-        preds = {}
-        for s in tqdm(usable, desc="compare: predict", unit="model", file=sys.stderr):
-            preds[s.label] = _predict_test_set(s, name, images, pred_root / s.folder_name, folds,
+        for s in tqdm([s for s in usable if not s.is_classical], desc="compare: predict", unit="model",
+                      file=sys.stderr):
+            chk = "" if s.checkpoint == g.FINAL else f"@{Path(s.checkpoint).stem}"
+            preds[s.label] = _predict_test_set(s, name, images, pred_root / f"{s.folder_name}{chk}", folds,
                                                opts.device, expected)
+        if any(s.is_classical for s in usable):
+            train_all = sorted(io.list_niftis(raw_dir / "labelsTr")) if (raw_dir / "labelsTr").is_dir() else []
+            frangi_jobs = [classical.FoldJob("all", tuple(train_all), tuple(expected))]
+            target_images = images
         mode = f"test set `{images}` (ensemble of folds {', '.join(map(str, folds))})"
+        case_fold = {}
     else:
         ref_dir = g.cv_reference_folder(name)
-        preds = {s.label: g.validation_predictions(results[s]) for s in
-                 tqdm(usable, desc="compare: gather", unit="model", file=sys.stderr)}
-        mode = f"{len(folds)}-fold cross-validation (folds {', '.join(map(str, folds))}, nnU-Net validation predictions)"
+        if cai:
+            targets = _cai_test_groups(name, splits, folds)
+            mode = (f"Cai et al. protocol (folds {', '.join(map(str, folds))}): each subject scored once, as a test "
+                    "subject of the fold model trained without its group")
+        else:
+            targets = ({f: _fold_cases(splits, f, "val", name) for f in folds} if splits is not None else None)
+            mode = (f"{len(folds)}-fold cross-validation (folds {', '.join(map(str, folds))}, nnU-Net validation "
+                    "predictions, or re-predicted from the named checkpoint)")
+        role = "test" if cai else "val"
+        bar = tqdm(total=len(usable), desc="compare: gather", unit="model", file=sys.stderr)
+        for s in usable:
+            if s.is_classical:
+                bar.update()
+                continue
+            if s.checkpoint == g.FINAL and not cai:
+                preds[s.label] = g.validation_predictions(results[s])
+            else:
+                preds[s.label] = {}
+                for f in folds:
+                    out_dir = pred_root / s.folder_name / Path(s.checkpoint_file).stem / f"fold_{f}_{role}"
+                    got = repredict.predict_fold(results[s].folder, f, s.checkpoint_file, targets[f], images_tr,
+                                                 out_dir, opts.device, s.label)
+                    preds[s.label].update({c: io.PredFiles(seg=p) for c, p in got.items()})
+            bar.update()
+        bar.close()
+        if any(s.is_classical for s in usable):
+            frangi_jobs = [classical.FoldJob(f"fold_{f}", tuple(_fold_cases(splits, f, "train", name)),
+                                             tuple(targets[f])) for f in folds]
+        case_fold = {c: f for f in folds for c in (targets[f] if targets else [])}
+
+    refs = io.list_niftis(ref_dir)
+    frangi_summary = []
+    if frangi_jobs:
+        labels_tr = io.list_niftis(raw_dir / "labelsTr") if (raw_dir / "labelsTr").is_dir() else {}
+        settings = classical.FrangiSettings(bright=classical.ridge_polarity(raw_dir, opts.frangi_ridges),
+                                            brain_mask=opts.frangi_mask)
+        for spec in (s for s in usable if s.is_classical):
+            preds[spec.label], frangi_summary = classical.run_frangi(
+                frangi_jobs, images_tr, labels_tr, target_images, refs, pred_root / spec.folder_name, settings, ending)
+        notes.append(f"frangi: scikit-image Frangi vesselness ({'bright' if settings.bright else 'dark'} ridges"
+                     f"{', inside a brain mask from the image' if settings.brain_mask else ''}); scales and threshold "
+                     f"tuned on each fold's training subjects only (mean Dice), applied unchanged to its "
+                     f"{'test' if test_mode or cai else 'validation'} subjects (`frangi_tuning.csv`)")
 
     sets = {lab: set(p) for lab, p in preds.items()}
     if len({frozenset(s) for s in sets.values()}) > 1:
         raise UserError("models were evaluated on different case sets; refusing to compare them:\n"
                         + g.case_set_difference(sets))
     cases = sorted(next(iter(sets.values())))
-    refs = io.list_niftis(ref_dir)
     no_ref = sorted(set(cases) - set(refs))
     if no_ref:
         raise UserError(f"{len(no_ref)} predicted case(s) have no reference label in {ref_dir}: "
@@ -218,26 +368,82 @@ def run_compare(opts: CompareOptions) -> Path:
     if unpredicted:
         notes.append(f"{len(unpredicted)} reference case(s) in `{ref_dir}` were predicted by no model and are "
                      f"not evaluated: {', '.join(unpredicted[:20])}{' ...' if len(unpredicted) > 20 else ''}")
-    if opts.regions is not None and not opts.regions.is_dir():
-        raise UserError(f"--regions {opts.regions}: folder not found")
+
+    models_table, warnings = describe_models(specs, results, excluded, folds,
+                                             "test" if test_mode else "cai" if cai else "cv")
+    for w in warnings:
+        print(f"compare: WARNING: {w}", file=sys.stderr)
 
     ev_opts = Options(threshold=0.5, thresholds=(), min_cluster_sizes=(0,), connectivity=opts.connectivity,
                       rule=MatchRule.parse(opts.match))
     labels = [s.label for s in usable]
+    preds = {lab: preds[lab] for lab in labels}
     per_case = evaluate_models(cases, refs, preds, ev_opts, opts.regions, opts.geometry_tol, opts.num_processes)
+    if case_fold:
+        per_case.insert(2, "fold", per_case["case"].map(case_fold))
     stats = paired_tests(per_case, base.label, labels, STATS_METRICS, n_boot=opts.n_boot, seed=opts.seed,
                          family=opts.holm_family, alpha=opts.alpha)
     cost = pd.DataFrame([model_cost(s.label, results[s].folder, folds,
                                     "compared" if s.label not in excluded else "excluded")
-                         for s in specs])
+                         for s in specs if not s.is_classical])
     fold_rows = pd.DataFrame([{"model": s.label, "fold": f.fold, "status": f.status, "reason": f.reason}
-                              for s in specs for f in results[s].folds])
+                              for s in networks for f in results[s].folds])
     data = ReportData(
         title=f"nnU-Net model comparison on {name}", command=shlex.join(opts.compare_argv()), mode=mode,
         dataset=name, reference=ref_dir, baseline=base.label, models=labels, excluded=excluded,
-        folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=notes,
+        folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=notes, warnings=warnings,
+        models_table=models_table, frangi=pd.DataFrame(frangi_summary),
         settings={"match": str(ev_opts.rule), "connectivity": opts.connectivity, "holm_family": opts.holm_family,
-                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed})
+                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "protocol": opts.protocol})
     report = write_report(opts.output, data, plots=opts.plots)
     print(f"compared {len(labels)} model(s) on {len(cases)} case(s); report: {report}")
     return report
+
+
+def _checkpoint_epoch(folder: Path, folds: list[int], checkpoint: str) -> str:
+    """Epochs completed when ``checkpoint`` was saved (nnU-Net stores ``current_epoch`` + 1), over the folds."""
+    import torch
+
+    epochs = set()
+    for f in folds:
+        path = folder / f"fold_{f}" / checkpoint
+        try:
+            epochs.add(int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"]))
+        except Exception:  # unreadable or absent: say so rather than guess
+            epochs.add(None)
+    known = sorted(e for e in epochs if e is not None)
+    if not known:
+        return "?"
+    return str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
+
+
+def describe_models(specs, results, excluded, folds, kind: str) -> tuple[pd.DataFrame, list[str]]:
+    """One row per model (checkpoint, budget run, convergence) and the warnings a reader must see."""
+    rows, budgets = [], {}
+    for s in specs:
+        if s.is_classical:
+            rows.append({"model": s.label, "status": "compared", "checkpoint": "-",
+                         "budget": "tuned on all training cases" if kind == "test" else "tuned on training folds",
+                         "convergence": "-", "ema_pseudo_dice_last": math.nan})
+            continue
+        prog = model_progress(results[s].folder, folds)
+        if s.checkpoint == g.FINAL:
+            deleted = [str(f.fold) for f in results[s].folds if f.status == "checkpoint deleted"]
+            chk = g.FINAL_CHECKPOINT + {"cv": " (nnU-Net validation outputs)", "cai": "",
+                                        "test": " (ensemble of folds)"}[kind]
+            if deleted:
+                chk += f"; deleted in fold{'s' if len(deleted) > 1 else ''} {', '.join(deleted)}"
+        else:
+            chk = f"{s.checkpoint} (after {_checkpoint_epoch(results[s].folder, folds, s.checkpoint)} epochs)"
+        last = [f.ema[-1] for f in prog["folds"] if f.ema]
+        rows.append({"model": s.label, "status": "excluded" if s.label in excluded else "compared",
+                     "checkpoint": chk, "budget": prog["budget"], "convergence": prog["convergence"],
+                     "ema_pseudo_dice_last": float(np.mean(last)) if last else math.nan})
+        if s.label not in excluded:
+            budgets.setdefault(prog["budget"], []).append(s.label)
+    warnings = []
+    if len(budgets) > 1:
+        warnings.append("models were trained with different budgets (epochs x iterations per epoch): "
+                        + "; ".join(f"{', '.join(m)}: {b}" for b, m in budgets.items())
+                        + ". Differences between them may reflect the budget, not the method.")
+    return pd.DataFrame(rows), warnings
