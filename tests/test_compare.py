@@ -279,3 +279,24 @@ for p in inp.glob("*_0000.nii.gz"):
     assert "test set" in (out / "report.md").read_text()
     run_cli(cmd, env=env)  # predictions complete: not predicted again
     assert len(calls.read_text().splitlines()) == 2
+
+
+def test_evaluation_options_reach_tables_and_tests(nnunet_env, tmp_path):
+    """compare takes evaluate's metric options: a challenge protocol and extra metrics enter
+    per_case_metrics.csv and the paired tests, with values equal to a hand computation."""
+    make_dataset(nnunet_env)
+    out = tmp_path / "report"
+    run_cli(compare_cmd(out, "--eval-protocol", "valdo", "--metrics", "iou,valdo_f1"), env=nnunet_env["env"])
+    per_case = pd.read_csv(out / "per_case_metrics.csv")
+    whole = per_case[per_case.region == "whole"]
+    for m, runs in RUNS.items():
+        rows = whole[whole.model == m].set_index("case").loc[CASES]
+        a, b = REF_RUN
+        iou = [max(0, min(b, e) - max(a, s)) / (max(b, e) - min(a, s)) for s, e in runs]
+        np.testing.assert_allclose(rows["iou"].to_numpy(float), iou, atol=1e-12)
+        # one reference and one predicted cluster per case: VALDO F1 is 1 iff IoU > 0.1 (strictly)
+        np.testing.assert_allclose(rows["valdo_f1"].to_numpy(float), [1.0 if v > 0.1 else 0.0 for v in iou])
+    st = pd.read_csv(out / "stats.csv")
+    assert {"iou", "valdo_f1", "dice"} <= set(st["metric"])
+    bad = run_cli(compare_cmd(tmp_path / "r2", "--metrics", "not_a_metric"), env=nnunet_env["env"], check=False)
+    assert bad.returncode == 2 and "not_a_metric" in bad.stderr and not (tmp_path / "r2").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_pvs.compare.evaluate import add_evaluation_arguments, evaluation_options
 from nnunet_pvs.compare.run import DEFAULT_FOLDS, CompareOptions, run_compare
 
 
@@ -42,7 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", type=Path,
                    help="per-case region maps (as for nnunet-pvs evaluate): adds region-wise tables and tests")
     p.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26, help="cluster connectivity (default 26)")
-    p.add_argument("--match", default="overlap", help="cluster matching rule: overlap (default) or iou:T")
+    p.add_argument("--match", default="overlap",
+                   help="cluster matching rule: overlap (default), iou:T (many-to-many, not VALDO), "
+                        "one-to-one[:iou:T] (maximum matching on IoU)")
+    p.add_argument("--eval-protocol", default="", metavar="NAMES",
+                   help="also compute a PVS challenge's own rules as metric columns: valdo, epvs, shivai "
+                        "(comma-separated; as `nnunet-pvs evaluate --protocol`)")
+    p.add_argument("--metrics", default="", metavar="COLS",
+                   help="extra per-case metric columns to tabulate and test against the baseline (comma-separated), "
+                        "e.g. surface_dice,pq,lesion_dice,valdo_f1,detection_rate_le10; see docs/evaluation.md")
+    add_evaluation_arguments(p)
     p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples for the CIs (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--holm-family", choices=("metric", "all"), default="metric",
@@ -73,7 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args) -> CompareOptions:
+    evaluation = evaluation_options(argparse.Namespace(**{**vars(args), "protocol": args.eval_protocol}))
     return CompareOptions(
+        evaluation=evaluation, extra_metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
         dataset=args.dataset, models=args.models, output=args.output, baseline=args.baseline, folds=args.folds,
         test_set=args.test_set, labels=args.labels, regions=args.regions, predictions_dir=args.predictions_dir,
         device=args.device, connectivity=args.connectivity, match=args.match, n_boot=args.n_boot, seed=args.seed,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare import classical, repredict
 from nnunet_pvs.compare import gather as g
-from nnunet_pvs.compare.evaluate import evaluate_models
+from nnunet_pvs.compare.evaluate import evaluate_models, metric_columns
 from nnunet_pvs.compare.report import STATS_METRICS, ReportData, check_output_path, write_report
 from nnunet_pvs.compare.stats import paired_tests
 from nnunet_pvs.compare.training_cost import model_cost
@@ -68,6 +68,9 @@ class CompareOptions:
     slurm_pred_parts: int = 1
     slurm_setup: list[str] = field(default_factory=list)
     pretrained_weights: list[str] = field(default_factory=list)
+    # metric options of the evaluation module (None: Boutinaud defaults from connectivity and match)
+    evaluation: Options | None = None
+    extra_metrics: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.output = Path(self.output)
@@ -95,6 +98,20 @@ class CompareOptions:
                      "num_processes", "geometry_tol", "frangi_ridges"):
             if getattr(self, name) != defaults[name]:
                 a += ["--" + name.replace("_", "-"), str(getattr(self, name))]
+        ev = self.evaluation
+        if ev is not None:
+            if ev.protocols:
+                a += ["--eval-protocol", ",".join(ev.protocols)]
+            if ev.nsd_tolerance != 1.0:
+                a += ["--nsd-tolerance", f"{ev.nsd_tolerance:g}"]
+            if ev.surface_connectivity != 6:
+                a += ["--surface-connectivity", str(ev.surface_connectivity)]
+            if ev.region_mode != "majority":
+                a += ["--region-mode", ev.region_mode]
+            if ev.size_groups is not None:
+                a += ["--size-groups", str(ev.size_groups)]
+        if self.extra_metrics:
+            a += ["--metrics", ",".join(self.extra_metrics)]
         if not self.plots:
             a.append("--no-plots")
         if not self.frangi_mask:
@@ -374,14 +391,20 @@ def run_compare(opts: CompareOptions) -> Path:
     for w in warnings:
         print(f"compare: WARNING: {w}", file=sys.stderr)
 
-    ev_opts = Options(threshold=0.5, thresholds=(), min_cluster_sizes=(0,), connectivity=opts.connectivity,
-                      rule=MatchRule.parse(opts.match))
+    ev_opts = opts.evaluation or Options(threshold=0.5, thresholds=(), min_cluster_sizes=(0,),
+                                         connectivity=opts.connectivity, rule=MatchRule.parse(opts.match))
+    available = metric_columns(ev_opts)
+    unknown = [m for m in opts.extra_metrics if m not in available]
+    if unknown:
+        raise UserError(f"--metrics {','.join(unknown)}: not computed with these options; available: "
+                        f"{', '.join(available)}")
+    stats_metrics = STATS_METRICS + [m for m in opts.extra_metrics if m not in STATS_METRICS]
     labels = [s.label for s in usable]
     preds = {lab: preds[lab] for lab in labels}
     per_case = evaluate_models(cases, refs, preds, ev_opts, opts.regions, opts.geometry_tol, opts.num_processes)
     if case_fold:
         per_case.insert(2, "fold", per_case["case"].map(case_fold))
-    stats = paired_tests(per_case, base.label, labels, STATS_METRICS, n_boot=opts.n_boot, seed=opts.seed,
+    stats = paired_tests(per_case, base.label, labels, stats_metrics, n_boot=opts.n_boot, seed=opts.seed,
                          family=opts.holm_family, alpha=opts.alpha)
     cost = pd.DataFrame([model_cost(s.label, results[s].folder, folds,
                                     "compared" if s.label not in excluded else "excluded")
@@ -393,8 +416,12 @@ def run_compare(opts: CompareOptions) -> Path:
         dataset=name, reference=ref_dir, baseline=base.label, models=labels, excluded=excluded,
         folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=notes, warnings=warnings,
         models_table=models_table, frangi=pd.DataFrame(frangi_summary),
-        settings={"match": str(ev_opts.rule), "connectivity": opts.connectivity, "holm_family": opts.holm_family,
-                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "protocol": opts.protocol})
+        settings={"match": str(ev_opts.rule), "connectivity": ev_opts.connectivity, "holm_family": opts.holm_family,
+                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "protocol": opts.protocol,
+                  "eval_protocols": ",".join(ev_opts.protocols) or "none", "nsd_tolerance_mm": ev_opts.nsd_tolerance,
+                  "surface_connectivity": ev_opts.surface_connectivity, "region_mode": ev_opts.region_mode,
+                  "size_groups": str(ev_opts.size_groups) if ev_opts.size_groups else "none",
+                  "extra_metrics": ",".join(opts.extra_metrics) or "none"})
     report = write_report(opts.output, data, plots=opts.plots)
     print(f"compared {len(labels)} model(s) on {len(cases)} case(s); report: {report}")
     return report
