@@ -122,7 +122,7 @@ def _measure_memory(trainer_name: str, work: str, device: str, steps: int, threa
            "patch": list(trainer.configuration_manager.patch_size), "peak_bytes": int(peak),
            "params": int(sum(p.numel() for p in trainer.network.parameters())),
            "stages": len(trainer.configuration_manager.network_arch_init_kwargs["strides"])
-           if trainer_name == "nnUNetTrainer" else len(trainer.network.strides)})
+           if trainer_name == "nnUNetTrainer" else len(trainer.network.pool_strides)})
 
 
 def _ae_throughput(work: Path, device: str, iterations: int, threads: int) -> dict:

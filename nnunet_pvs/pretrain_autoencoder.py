@@ -17,7 +17,14 @@ Glorot-initialised. This command does that for an nnU-Net dataset:
 3. the output checkpoint holds, under ``network_weights``, every key of the U-Net: the encoder
    tensors of the best-validation autoencoder, the decoder tensors of a freshly initialised U-Net,
    all on CPU, as stock ``nnUNetv2_train -pretrained_weights`` expects. Losses go to
-   ``<output stem>_losses.csv`` and ``<output stem>_losses.png`` next to it.
+   ``<output stem>_losses.csv`` and ``<output stem>_losses.png`` next to it. The file also records
+   the dataset, configuration, plans, patch and network depth it was made for
+   (``nnUNetTrainerAEUNet`` compares them with its run before nnU-Net loads the weights).
+
+Inputs are never written: ``-o`` (and its loss files) may not be one of the ``--unlabeled``
+images, lie inside that folder, or be the plans / dataset.json. Preprocessed volumes are cached in
+a hidden folder next to ``-o`` that is removed at the end, on errors and on SIGTERM; a cache or
+temporary file left by a killed run (SIGKILL) is removed by the next run in that folder.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +45,8 @@ import numpy as np
 from nnunet_pvs.errors import UserError
 
 DEFAULT_TRAINER = "nnUNetTrainerAEUNet"
+CACHE_PREFIX = ".ae_pretrain_cache_"
+_LEFTOVER = re.compile(r"^(?:" + re.escape(CACHE_PREFIX) + r"|\..+\.tmp-)(\d+)-")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +143,86 @@ def list_cases(folder: Path, file_ending: str, n_channels: int) -> list[tuple[st
     return cases
 
 
+def check_output_spares_inputs(given: Path, unlabeled: Path, cases, protected: list[Path]) -> None:
+    """``-o`` and the loss files next to it must not be (or sit inside) anything the run reads."""
+    output = given.resolve()
+    unlabeled = unlabeled.resolve()
+    written = [output, *loss_paths(output)]
+
+    def name(w: Path) -> str:
+        return f"-o {given} (= {w})" if w == output and given.absolute() != output else str(w)
+
+    for w in written:
+        if w == unlabeled or unlabeled in w.parents:
+            raise UserError(f"{name(w)}: inside the --unlabeled folder {unlabeled}; write -o elsewhere "
+                            f"(the folder's images are inputs and stay untouched)")
+    inputs = [f for _, files in cases for f in files] + [p for p in protected if p.exists()]
+    for w in written:
+        for f in inputs:
+            if w == f.resolve() or (w.exists() and os.path.samefile(w, f)):
+                raise UserError(f"{name(w)}: is an input ({f}); -o would overwrite it")
+
+
+def check_image_values(f: Path, data: np.ndarray) -> None:
+    """Refuse what would "pretrain" to a meaningless MSE: non-finite voxels, constant images."""
+    finite = np.isfinite(data)
+    if not finite.all():
+        n = int((~finite).sum())
+        raise UserError(f"{f}: {n} of {data.size} voxels are NaN or infinite"
+                        + (" (the whole image)" if n == data.size else "") + "; the autoencoder needs finite intensities")
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        hint = "; SimpleITK also reads an all-NaN NIfTI as 0" if lo == 0 else ""
+        raise UserError(f"{f}: every voxel is {lo:g} (a constant image{hint}); the autoencoder would reconstruct "
+                        f"nothing but a constant (validation MSE 0)")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove caches / temporary files of earlier runs in ``folder`` whose process is gone."""
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else []:
+        m = _LEFTOVER.match(p.name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _TerminateAsExit:
+    """While active, SIGTERM raises SystemExit, so ``finally`` blocks remove the cache."""
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
 def read_case(files: list[Path], reader) -> tuple[np.ndarray, dict]:
     """Read one case file by file so that an error names the file; each file must be one 3D volume."""
     arrays, props = [], None
@@ -149,6 +239,7 @@ def read_case(files: list[Path], reader) -> tuple[np.ndarray, dict]:
             raise UserError(f"{f}: is a 2D image; the autoencoder needs 3D volumes")
         if arrays and data.shape != arrays[0].shape:
             raise UserError(f"{f}: shape {data.shape[1:]} differs from {files[0].name} {arrays[0].shape[1:]}")
+        check_image_values(f, data)
         arrays.append(data)
         props = p if props is None else props
     return np.vstack(arrays), props
@@ -172,7 +263,7 @@ def crop_at(volume: np.ndarray, patch, starts) -> np.ndarray:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -303,6 +394,9 @@ def pretrain(cases_npy: list[Path], autoencoder, device, patch, *, epochs: int, 
                        + ("  (best)" if is_best else ""))
         if on_epoch is not None:
             on_epoch(rows)
+    if best_state is None:
+        raise UserError(f"validation MSE was not finite in any of the {epochs} epoch(s) (training diverged); "
+                        f"try a lower --lr (now {lr})")
     return best_state, rows
 
 
@@ -340,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{dataset_json_file}: {e}") from None
     channels = _channel_names(dataset_json)
     cases = list_cases(args.unlabeled, dataset_json["file_ending"], len(channels))
+    check_output_spares_inputs(args.output, args.unlabeled, cases, [plans_file, dataset_json_file])
     if len(cases) < 2:
         raise UserError(f"{args.unlabeled}: {len(cases)} image(s); at least 2 are needed for the train/validation split")
 
@@ -353,54 +448,66 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--device {args.device}: MPS is not available on this machine")
     torch.manual_seed(args.seed)
     autoencoder = trainer_class.build_autoencoder(cm, len(channels))
-    bottleneck = int(np.prod(np.array(cm.patch_size) // np.prod(np.array(autoencoder.strides), axis=0)))
-    if args.batch_size * max(bottleneck, 1) < 2:
-        raise UserError(f"--batch-size {args.batch_size}: batch norm at the 1-voxel bottleneck of this "
-                        f"{len(autoencoder.strides)}-stage network needs a batch size of at least 2")
     patch = tuple(int(p) for p in cm.patch_size)
-    print(f"dataset {name}, configuration {args.configuration}, patch {patch}, {len(autoencoder.strides)} stages, "
-          f"{len(cases)} unlabelled cases, device {device}")
+    from nnunet_pvs.networks.ae_unet import depth_summary
+
+    print(f"dataset {name}, configuration {args.configuration}, patch {patch}, {len(cases)} unlabelled cases, "
+          f"device {device}")
+    print(depth_summary(patch, autoencoder.pool_strides, trainer_class.n_kernels_init, trainer_class.n_stages))
 
     reader = pm.image_reader_writer_class()
     preprocessor = cm.preprocessor_class(verbose=False)
-    cache = Path(tempfile.mkdtemp(prefix=".ae_pretrain_cache_", dir=output.parent))
-    try:
-        npy_files = []
-        for case, files in tqdm(cases, desc="preprocessing unlabelled images"):
-            data, props = read_case(files, reader)
-            try:
-                data, _, _ = preprocessor.run_case_npy(data, None, props, pm, cm, dataset_json)
-            except Exception as e:
-                raise UserError(f"{files[0]}: preprocessing with {plans_file.name} failed "
-                                f"({type(e).__name__}: {e})") from None
-            npy = cache / f"{case}.npy"
-            np.save(npy, data.astype(np.float32, copy=False))
-            npy_files.append(npy)
+    for p in remove_leftovers(output.parent):
+        print(f"removed {p.name}, left by an interrupted earlier run")
+    cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=output.parent))
+    csv_path, png_path = loss_paths(output)
+    with _TerminateAsExit():
+        try:
+            npy_files = []
+            for case, files in tqdm(cases, desc="preprocessing unlabelled images"):
+                data, props = read_case(files, reader)
+                try:
+                    data, _, _ = preprocessor.run_case_npy(data, None, props, pm, cm, dataset_json)
+                except Exception as e:
+                    raise UserError(f"{files[0]}: preprocessing with {plans_file.name} failed "
+                                    f"({type(e).__name__}: {e})") from None
+                npy = cache / f"{case}.npy"
+                np.save(npy, data.astype(np.float32, copy=False))
+                npy_files.append(npy)
 
-        csv_path, png_path = loss_paths(output)
-        best_state, rows = pretrain(
-            npy_files, autoencoder, device, patch, epochs=args.epochs, iterations=args.iterations,
-            val_iterations=args.val_iterations, batch_size=args.batch_size, lr=args.lr,
-            val_fraction=args.val_fraction, seed=args.seed,
-            on_epoch=lambda r: write_losses(r, csv_path, png_path))
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+            # progress goes to the cache (removed on failure); the finished files move next to -o
+            work_csv, work_png = cache / csv_path.name, cache / png_path.name
+            print(f"losses per epoch: {work_csv} (moved next to {output.name} at the end)")
+            best_state, rows = pretrain(
+                npy_files, autoencoder, device, patch, epochs=args.epochs, iterations=args.iterations,
+                val_iterations=args.val_iterations, batch_size=args.batch_size, lr=args.lr,
+                val_fraction=args.val_fraction, seed=args.seed,
+                on_epoch=lambda r: write_losses(r, work_csv, work_png))
 
-    torch.manual_seed(args.seed + 1)  # fresh, reproducible Glorot init of the U-Net's decoder
-    weights = build_pretrained_checkpoint(trainer_class, pm, cm, dataset_json, best_state)
-    best = min(rows, key=lambda r: r["val_mse"])
-    checkpoint = {
-        "network_weights": weights,
-        "autoencoder_weights": best_state,
-        "pretraining": {
-            "method": "Boutinaud et al. 2021 autoencoder pretraining (Front. Neuroinform. 15:641600)",
-            "trainer": trainer_class.__name__, "dataset": name, "configuration": args.configuration,
-            "plans": args.plans, "patch_size": list(patch), "n_cases": len(cases), "epochs": args.epochs,
-            "iterations": args.iterations, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "best_epoch": best["epoch"], "best_val_mse": best["val_mse"],
-        },
-    }
-    _atomic_write(output, lambda tmp: torch.save(checkpoint, tmp))
+            torch.manual_seed(args.seed + 1)  # fresh, reproducible Glorot init of the U-Net's decoder
+            weights = build_pretrained_checkpoint(trainer_class, pm, cm, dataset_json, best_state)
+            best = min(rows, key=lambda r: r["val_mse"])
+            from nnunet_pvs.networks.ae_unet import architecture_record
+
+            checkpoint = {
+                "network_weights": weights,
+                "autoencoder_weights": best_state,
+                "pretraining": {
+                    "method": "Boutinaud et al. 2021 autoencoder pretraining (Front. Neuroinform. 15:641600)",
+                    "trainer": trainer_class.__name__, "dataset": name, "configuration": args.configuration,
+                    "plans": args.plans, "patch_size": list(patch), "spacing": list(cm.spacing),
+                    "architecture": architecture_record(autoencoder), "n_cases": len(cases),
+                    "epochs": args.epochs, "iterations": args.iterations, "batch_size": args.batch_size,
+                    "lr": args.lr, "seed": args.seed, "best_epoch": best["epoch"], "best_val_mse": best["val_mse"],
+                },
+            }
+            work_pth = cache / output.name
+            torch.save(checkpoint, work_pth)
+            for src, dst in ((work_csv, csv_path), (work_png, png_path), (work_pth, output)):
+                os.chmod(src, 0o666 & ~_umask())
+                os.replace(src, dst)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
     print(f"wrote {output} (encoder from epoch {best['epoch']}, validation MSE {best['val_mse']:.5g}); "
           f"losses in {csv_path.name}, {png_path.name}")
     return 0

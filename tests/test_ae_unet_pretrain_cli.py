@@ -150,3 +150,38 @@ def test_non_binary_dataset_refused(nnunet_env, tmp_path):
     proc = _pretrain(nnunet_env["env"], u, out)
     assert proc.returncode == 2 and f"{d / 'dataset.json'}: " in proc.stderr and "2 foreground labels" in proc.stderr
     assert list(out.parent.iterdir()) == []
+
+
+def test_kept_autoencoder_is_the_lowest_validation_loss_epoch(tmp_path):
+    """pretrain() returns the weights of the epoch whose validation MSE is lowest, not the last ones.
+
+    After epoch 2 the callback scrambles the weights, so later epochs validate worse and a
+    "keep the last epoch" bug cannot pass."""
+    from nnunet_pvs.networks.ae_unet import AEUNet
+    from nnunet_pvs.pretrain_autoencoder import pretrain
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(3):
+        f = tmp_path / f"c{i}.npy"
+        np.save(f, rng.normal(0, 1, (1, 12, 12, 12)).astype(np.float32))
+        files.append(f)
+    torch.manual_seed(0)
+    ae = AEUNet(1, [[2, 2, 2]] * 2, skips=False)
+    snapshots = []
+
+    def on_epoch(rows):
+        snapshots.append({k: v.detach().clone() for k, v in ae.state_dict().items()})
+        if len(rows) == 2:
+            with torch.no_grad():
+                for p in ae.parameters():
+                    p.add_(torch.randn_like(p) * 3)
+
+    best, rows = pretrain(files, ae, torch.device("cpu"), (8, 8, 8), epochs=4, iterations=2, val_iterations=2,
+                          batch_size=2, lr=1e-3, val_fraction=0.34, seed=0, on_epoch=on_epoch, progress=False)
+    val = [r["val_mse"] for r in rows]
+    kept = int(np.argmin(val))
+    assert kept < 2, f"the scrambled epochs 3-4 validate worse: {val}"
+    assert [r["best"] for r in rows][kept] == 1
+    assert all(torch.equal(best[k], snapshots[kept][k]) for k in best)
+    assert not all(torch.equal(best[k], snapshots[-1][k]) for k in best)

@@ -141,3 +141,35 @@ def test_emit_slurm_rejects_unknown_pretrained_model(nnunet_env, tmp_path):
                 env=nnunet_env["env"], check=False)
     assert p.returncode == 2 and f"--pretrained-weights {AE}: not one of the models" in p.stderr
     assert not (tmp_path / "s.sh").exists()
+
+
+def test_emit_slurm_exports_the_budget_it_was_made_with(nnunet_env, tmp_path):
+    """Every training task (and its --c requeue) gets the NNUNET_PVS_* budget set when the script was made."""
+    make_dataset(nnunet_env)
+    fake = _fake_tools(tmp_path)
+    (fake / "nnUNetv2_train").write_text(f"""#!/usr/bin/env bash
+echo "$* | epochs=${{NNUNET_PVS_EPOCHS:-unset}} it=${{NNUNET_PVS_ITERATIONS:-unset}} val=${{NNUNET_PVS_VAL_ITERATIONS:-unset}}" >> {tmp_path}/calls.txt
+""")
+    script = tmp_path / "submit.sh"
+    env = {**nnunet_env["env"], "NNUNET_PVS_EPOCHS": "3", "NNUNET_PVS_ITERATIONS": "20"}
+    env.pop("NNUNET_PVS_VAL_ITERATIONS", None)
+    budget_models = ["nnUNetTrainerMfNSDe_budget:2d", "nnUNetTrainer_budget:3d_fullres"]
+    run_cli([CLI, "compare", "-d", DATASET, "--models", *budget_models, "--folds", "0", "-o", tmp_path / "rep",
+             "--emit-slurm", script, "--slurm-setup", f'export PATH={fake}:"$PATH"'], env=env)
+    text = script.read_text()
+    assert "# Budget of the _budget trainers: NNUNET_PVS_EPOCHS=3, NNUNET_PVS_ITERATIONS=20" in text
+    clean = {k: v for k, v in env.items() if not k.startswith("NNUNET_PVS_")}  # the cluster's own environment
+    sub = subprocess.run(["bash", str(script)], env={**clean, "PATH": f"{fake}{os.pathsep}{clean['PATH']}"},
+                         capture_output=True, text=True)
+    assert sub.returncode == 0, sub.stderr
+    for task in range(2):
+        r = subprocess.run(["bash", str(tmp_path / "jobs" / "job_0.sh")],
+                           env={**clean, "SLURM_ARRAY_TASK_ID": str(task)}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == 2 and all(c.endswith("--c | epochs=3 it=20 val=unset") for c in calls), calls
+
+    bad = run_cli([CLI, "compare", "-d", DATASET, "--models", *budget_models, "-o", tmp_path / "rep2",
+                   "--emit-slurm", tmp_path / "bad.sh"], env={**env, "NNUNET_PVS_EPOCHS": "ten"}, check=False)
+    assert bad.returncode == 2 and "NNUNET_PVS_EPOCHS='ten': must be a positive integer" in bad.stderr
+    assert not (tmp_path / "bad.sh").exists()

@@ -10,6 +10,10 @@ Running ``bash FILE`` on a login node submits, with ``sbatch``:
 3. a final job, ``--dependency=afterok:`` on the last array, running the same ``nnunet-pvs
    compare`` command (without ``--emit-slurm``), which then finds every fold complete.
 
+Every job exports the nnU-Net folders and the ``NNUNET_PVS_*`` budget variables that were set when
+the script was made, so the ``_budget`` trainers of every task (and of every ``--c`` requeue) get
+the same budget; they also record it with each fold.
+
 Each job script is fed to ``sbatch`` on stdin through a quoted here-document, so nothing in it is
 expanded at submission time; ``$SLURM_ARRAY_TASK_ID`` selects the task's command at run time.
 """
@@ -103,6 +107,21 @@ def predict_commands(dataset: str, specs, folds, images: Path, pred_root: Path, 
     return cmds
 
 
+def budget_exports() -> dict[str, str]:
+    """The ``NNUNET_PVS_*`` budget variables set now (validated), to export in every job."""
+    from nnunet_pvs.trainers.budget import BUDGET_VARIABLES
+
+    out = {}
+    for var in BUDGET_VARIABLES:
+        raw = os.environ.get(var, "")
+        if raw == "":
+            continue
+        if not raw.isdigit() or int(raw) < 1:
+            raise UserError(f"{var}={raw!r}: must be a positive integer (it is exported to every training task)")
+        out[var] = str(int(raw))
+    return out
+
+
 def write_slurm_script(opts, specs: list[g.ModelSpec], base: g.ModelSpec) -> Path:
     if opts.slurm_gpus < 1:
         raise UserError(f"--slurm-gpus must be >= 1, got {opts.slurm_gpus}")
@@ -117,6 +136,8 @@ def write_slurm_script(opts, specs: list[g.ModelSpec], base: g.ModelSpec) -> Pat
     folds = list(opts.folds)
 
     exports = [f"export {k}={_q(v)}" for k, v in folders.items()]
+    budget = budget_exports()
+    exports += [f"export {k}={_q(v)}" for k, v in budget.items()]
     env_lines = [*_setup_lines(opts), 'eval "$(nnunet-pvs env)"', *exports]
 
     train = train_commands(dataset, specs, folds, opts.slurm_gpus, pretrained)
@@ -125,6 +146,8 @@ def write_slurm_script(opts, specs: list[g.ModelSpec], base: g.ModelSpec) -> Pat
              f"# {len(specs)} model(s) x {len(folds)} fold(s) = {len(train)} training task(s), then the comparison.",
              f"# Submit from a login node:  bash {_q(script)}",
              "# Re-submitting is safe: training tasks resume their fold (--c), predictions are continued.",
+             "# Budget of the _budget trainers: " + (", ".join(f"{k}={v}" for k, v in budget.items()) if budget
+                                                      else "none set (their defaults, 1000 epochs x 250 iterations)"),
              "set -euo pipefail", "", *exports, f"LOG_DIR={_q(log_dir)}", 'mkdir -p "$LOG_DIR"', ""]
 
     def submit(var: str, sb_opts: list[str], job_lines: list[str], after: str | None = None) -> None:

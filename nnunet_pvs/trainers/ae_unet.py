@@ -6,11 +6,17 @@ Front. Neuroinform. 15:641600, 2021. doi:10.3389/fninf.2021.641600
 
 What differs from ``nnUNetTrainer`` and why:
 
-* **network**: the 8.7.2 U-Net (:mod:`nnunet_pvs.networks.ae_unet`): 8 initial kernels, 7 stages,
-  2 conv blocks per stage, max pooling, dropout 0.1, nearest-neighbour upsampling, sigmoid output,
-  Glorot-uniform init. Strides follow the plan; stages beyond the plan's are added while the patch
-  allows (paper: 7). Encoder weights come from ``nnunet-pvs pretrain-autoencoder`` through stock
-  ``-pretrained_weights``; without it, this trainer is the paper's "no autoencoder" ablation.
+* **network**: the 8.7.2 U-Net (:mod:`nnunet_pvs.networks.ae_unet`): 8 initial kernels, 7 stages
+  each pooling once (to a 1 x 1 x 1 x 512 bottleneck at the paper's 160 x 214 x 176), 2 conv blocks
+  per level, max pooling, dropout 0.1, nearest-neighbour upsampling, sigmoid output, Glorot-uniform
+  init. Strides follow the plan; stages beyond the plan's are added while the patch allows, and the
+  training log says how many were built and why. Encoder weights come from ``nnunet-pvs
+  pretrain-autoencoder`` through stock ``-pretrained_weights``, checked against this run (dataset,
+  configuration, plans, patch, architecture) before nnU-Net loads them; without it, this trainer is
+  the paper's "no autoencoder" ablation.
+* **model selection**: besides nnU-Net's ``checkpoint_best.pth`` (best EMA pseudo Dice) the trainer
+  keeps ``checkpoint_best_loss.pth``, the epoch with the lowest validation loss (the paper's choice;
+  ``nnUNetv2_predict -chk checkpoint_best_loss.pth``).
 * **sigmoid on a binary task**: nnU-Net gives a binary task 2 output channels with softmax. The
   network returns ``[-z/2, z/2]`` for its one foreground logit ``z``, so nnU-Net's softmax
   foreground channel *is* ``sigmoid(z)`` and its argmax is the paper's threshold 0.5. Datasets with
@@ -28,6 +34,10 @@ mirroring and fold ensembling are kept; the deviations are listed in ``docs/ae_u
 
 from __future__ import annotations
 
+import os
+import sys
+
+import numpy as np
 import torch
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -37,7 +47,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_pvs.networks.ae_unet import (PAPER_DROPOUT, PAPER_N_CONVS, PAPER_N_KERNELS_INIT, PAPER_N_STAGES,
-                                         ae_unet_from_plans)
+                                         ae_unet_from_plans, architecture_record, depth_summary)
+from nnunet_pvs.trainers.provenance import PluginProvenanceMixin, stop_training
 
 __all__ = [
     "nnUNetTrainerAEUNet", "nnUNetTrainerAEUNet_1epoch", "nnUNetTrainerAEUNet_5epochs",
@@ -45,7 +56,75 @@ __all__ = [
 ]
 
 
-class nnUNetTrainerAEUNet(nnUNetTrainer):
+BEST_LOSS_CHECKPOINT = "checkpoint_best_loss.pth"
+
+
+def pretrained_weights_argument(argv: list[str] | None = None) -> str | None:
+    """The ``-pretrained_weights`` file of the running ``nnUNetv2_train`` command, if any.
+
+    nnU-Net loads it right after ``initialize()``, by direct import, and a mismatch ends in an
+    assertion that dumps whole tensors; the command line is the only place the trainer can learn
+    the file from beforehand.
+    """
+    argv = sys.argv if argv is None else argv
+    if not argv or not os.path.basename(argv[0]).startswith("nnUNetv2_train"):
+        return None
+    for i, a in enumerate(argv[1:], 1):
+        if a == "-pretrained_weights" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("-pretrained_weights="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def pretrained_weights_problem(path: str, network: nn.Module, run: dict) -> tuple[str | None, str | None]:
+    """``(error, note)`` for loading ``path`` into ``network``: an error when nnU-Net's loader would
+    fail (one line saying what differs), a note when it fits but was made for another run."""
+    x = lambda v: " x ".join(map(str, v))  # noqa: E731
+    if not os.path.isfile(path):
+        return f"-pretrained_weights {path}: file not found", None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # not a torch file: pickle, zip and torch raise many types
+        return f"-pretrained_weights {path}: cannot be read as a checkpoint ({type(e).__name__}: {e})", None
+    weights = ck.get("network_weights") if isinstance(ck, dict) else None
+    if not isinstance(weights, dict):
+        return f"-pretrained_weights {path}: has no 'network_weights' (not an nnU-Net / pretrain-autoencoder file)", None
+    made = ck.get("pretraining") or {}
+    differs = []
+    for key, label in (("dataset", "dataset"), ("configuration", "configuration"), ("plans", "plans"),
+                       ("patch_size", "patch")):
+        if key not in made:
+            continue
+        file_value, run_value = made[key], run[key]
+        if key == "patch_size":
+            file_value, run_value = x(file_value), x(run_value)
+        if file_value != run_value:
+            differs.append(f"{label} {file_value} in the file, {run_value} here")
+    arch_file, arch_here = made.get("architecture"), run.get("architecture")
+    if arch_file and arch_here and arch_file["n_stages"] != arch_here["n_stages"]:
+        differs.append(f"{arch_file['n_stages']} stages in the file, {arch_here['n_stages']} here")
+    own = network.state_dict()
+    missing = [k for k in own if ".seg_layers." not in k and k not in weights]
+    shape = [k for k in own if ".seg_layers." not in k and k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    made_for = (f" (made by pretrain-autoencoder for {made.get('dataset')} {made.get('configuration')} "
+                f"{made.get('plans')})") if made else ""
+    if missing or shape:
+        k = (shape or missing)[0]
+        tensor = (f"{k} is {x(weights[k].shape)} in the file, {x(own[k].shape)} here" if shape
+                  else f"{len(missing)} tensor(s) of this network are not in the file, e.g. {k}")
+        what = "; ".join(differs) if differs else tensor
+        return (f"-pretrained_weights {path}{made_for} does not fit this run ({run['dataset']} "
+                f"{run['configuration']} {run['plans']}): {what}" + (f"; {tensor}" if differs else "")
+                + f". Pretrain for this run: nnunet-pvs pretrain-autoencoder -d {run['dataset']} -c "
+                f"{run['configuration']} -p {run['plans']} --unlabeled DIR -o FILE"), None
+    if differs:
+        return None, (f"-pretrained_weights {path}{made_for}: " + "; ".join(differs)
+                      + "; its tensors fit this network and are loaded")
+    return None, None
+
+
+class nnUNetTrainerAEUNet(PluginProvenanceMixin, nnUNetTrainer):
     """Boutinaud et al. (2021) 8.7.2 U-Net, Dice loss, Adam, batch 2, no deep supervision; see module doc."""
 
     n_kernels_init = PAPER_N_KERNELS_INIT
@@ -64,12 +143,51 @@ class nnUNetTrainerAEUNet(nnUNetTrainer):
         self.configuration_manager.configuration["batch_size"] = self.paper_batch_size
 
     def initialize(self):
-        self.check_binary_task(self.label_manager, self.plans_manager.dataset_name)
+        try:
+            self.check_binary_task(self.label_manager, self.plans_manager.dataset_name)
+        except RuntimeError as e:
+            stop_training(self, str(e))
         if len(self.configuration_manager.patch_size) != 3:
-            raise RuntimeError(f"{self.__class__.__name__}: configuration '{self.configuration_name}' is "
-                               f"{len(self.configuration_manager.patch_size)}D; the Boutinaud U-Net is 3D "
-                               f"(use 3d_fullres)")
+            stop_training(self, f"configuration '{self.configuration_name}' is "
+                          f"{len(self.configuration_manager.patch_size)}D; the Boutinaud U-Net is 3D (use 3d_fullres)")
+        first = not self.was_initialized
         super().initialize()
+        if first:
+            # before anything is logged: a file that does not fit stops the run without leftovers
+            path = None if self.plans_manager.plans.get("continue_training") else pretrained_weights_argument()
+            note = self.check_pretrained_weights(path) if path is not None else None
+            self.print_to_log_file(depth_summary(self.configuration_manager.patch_size, self.network_module().pool_strides,
+                                                 self.n_kernels_init, self.n_stages))
+            if note:
+                self.print_to_log_file(f"nnunet-pvs: note: {note}")
+
+    def network_module(self) -> nn.Module:
+        """The plain network (without DDP / torch.compile wrappers)."""
+        mod = self.network.module if self.is_ddp else self.network
+        return getattr(mod, "_orig_mod", mod)
+
+    def this_run(self) -> dict:
+        """What a ``-pretrained_weights`` file is compared with."""
+        return {"dataset": self.plans_manager.dataset_name, "configuration": self.configuration_name,
+                "plans": self.plans_manager.plans_name, "patch_size": list(self.configuration_manager.patch_size),
+                "architecture": architecture_record(self.network_module())}
+
+    def check_pretrained_weights(self, path: str) -> str | None:
+        """Stop with one line saying what differs when ``path`` does not fit; return a note when it
+        fits but was made for another run."""
+        error, note = pretrained_weights_problem(path, self.network_module(), self.this_run())
+        if error:
+            stop_training(self, error)
+        return note
+
+    def on_epoch_end(self):
+        # before super(): it increments current_epoch
+        losses = list(self.logger.get_value("val_losses", step=None))
+        if losses and np.isfinite(losses[-1]) and (len(losses) == 1 or losses[-1] < np.nanmin(losses[:-1])):
+            self.print_to_log_file(f"nnunet-pvs: lowest validation loss so far: {np.round(losses[-1], decimals=4)} "
+                                   f"(epoch {self.current_epoch}) -> {BEST_LOSS_CHECKPOINT}")
+            self.save_checkpoint(os.path.join(self.output_folder, BEST_LOSS_CHECKPOINT))
+        super().on_epoch_end()
 
     @staticmethod
     def check_binary_task(label_manager, dataset_name: str = "dataset") -> None:
