@@ -218,3 +218,41 @@ def test_multiclass_dataloader_batch_trains(in_process):
     assert batch["data"].shape[0] == 4 and len(batch["target"]) == tr.network.num_outputs
     assert bool((batch["target"][-1] == 1).any())
     assert np.isfinite(tr.train_step(batch)["loss"])
+
+
+def test_log_names_the_network_and_the_plan_parts_it_uses(in_process):
+    """The folder and nnU-Net's log name the plan's network class; our log says what is built instead."""
+    from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe_planDepth
+
+    tr = _trainer(nnUNetTrainerMfNSDe_planDepth, in_process)
+    tr.initialize()
+    log = Path(tr.log_file).read_text()
+    arch = tr.configuration_manager.network_arch_init_kwargs
+    n = len(arch["strides"])
+    assert "Network: MfNS_De (nnunet_pvs.networks.mfns_de.MfNSDe)" in log
+    assert f"the plan's network class {tr.configuration_manager.network_arch_class_name} is NOT used" in log
+    assert f"the first {n} of {n} stages, strides {arch['strides']}" in log
+    assert "norm InstanceNorm2d" in log and "nonlin LeakyReLU" in log
+    assert f"blocks per node by level {[1] * n}" in log
+    assert "2D method" not in log
+    assert tr.nnunet_pvs_plugin["trainer"] == "nnUNetTrainerMfNSDe_planDepth"  # provenance for debug.json
+
+
+def test_three_d_configuration_warns_that_the_method_is_2d(in_process):
+    from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe
+
+    root, env = in_process
+    pre, plans, dataset_json = _nnunet_paths(root)
+    plans["continue_training"] = False
+    two_d = plans["configurations"]["2d"]
+    arch = dict(two_d["architecture"]["arch_kwargs"])
+    n = len(arch["strides"])
+    arch.update(conv_op="torch.nn.modules.conv.Conv3d", norm_op="torch.nn.modules.instancenorm.InstanceNorm3d",
+                strides=[[1, 1, 1]] + [[1, 2, 2]] * (n - 1), kernel_sizes=[[1, 3, 3]] * n)
+    plans["configurations"]["3d_test"] = {
+        **two_d, "patch_size": [4, *two_d["patch_size"]], "spacing": [2.0, *two_d["spacing"]],
+        "architecture": {**two_d["architecture"], "arch_kwargs": arch}}
+    tr = nnUNetTrainerMfNSDe(plans, "3d_test", 0, dataset_json, device=torch.device("cpu"))
+    with pytest.warns(UserWarning, match="MfNS_De is a 2D method"):
+        tr.initialize()
+    assert "WARNING: MfNS_De is a 2D method" in Path(tr.log_file).read_text()

@@ -4,6 +4,15 @@ MfNS_De (Cai et al. 2024) follows DNANet (Li et al., IEEE TIP 2023, arXiv 2106.0
 are residual blocks refined by CBAM attention (Woo et al., ECCV 2018): a channel gate from pooled
 descriptors through a shared bottleneck MLP, then a spatial gate from channel-pooled maps. Written
 dimension-agnostically so the same node serves 2D and 3D nnU-Net configurations.
+
+A block's input may be handed over as a list of *parts* (the channel groups of a concatenation,
+in order; parts coarser than the block's resolution are bilinear-upsampled first). The lean path
+(:meth:`ResCBAMBlock.forward` with ``lean=True``) never materialises that concatenation: a
+convolution of a concatenation is the sum of per-part convolutions with the matching weight
+slices, and a bias-free 1x1 shortcut commutes with bilinear upsampling (both are linear, and
+bilinear weights sum to one), so the shortcut of a coarse part is computed at its own, coarser,
+resolution. The gating and the residual add are one fused ``addcmul``. The plain path
+(``lean=False``) is the textbook computation the tests compare against.
 """
 
 from __future__ import annotations
@@ -11,7 +20,18 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_INTERP = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear (linear/trilinear) resize to ``size``, no-op when already there."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=list(size), mode=_INTERP[x.ndim - 2], align_corners=False)
 
 
 def _pool_dims(x: torch.Tensor) -> tuple[int, ...]:
@@ -23,6 +43,8 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, channels: int, conv_op: type[nn.Module], reduction: int = 16):
         super().__init__()
+        # at least 4 hidden units: DNANet's c // 16 leaves 1 (2) at 16 (32) channels, which one ReLU can
+        # silence for good (the gate then stays at 0.5 with no gradient)
         hidden = max(channels // reduction, 4)
         self.mlp = nn.Sequential(conv_op(channels, hidden, 1, bias=False), nn.ReLU(inplace=True),
                                  conv_op(hidden, channels, 1, bias=False))
@@ -31,7 +53,8 @@ class ChannelAttention(nn.Module):
         dims = _pool_dims(x)
         avg = x.mean(dim=dims, keepdim=True)
         mx = x.amax(dim=dims, keepdim=True)
-        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+        both = self.mlp(torch.cat([avg, mx], dim=0))  # one pass of the shared MLP for both descriptors
+        return torch.sigmoid(both[:x.shape[0]] + both[x.shape[0]:])
 
 
 class SpatialAttention(nn.Module):
@@ -72,14 +95,44 @@ class ResCBAMBlock(nn.Module):
         self.channel_attention = ChannelAttention(out_channels, conv_op)
         self.spatial_attention = SpatialAttention(conv_op, [7 if k > 1 else 1 for k in kernel_size])
         if in_channels != out_channels:
+            # no bias: the norm that follows removes it (DNANet keeps a redundant one)
             self.shortcut = nn.Sequential(conv_op(in_channels, out_channels, 1, bias=False), norm(out_channels))
         else:
             self.shortcut = nn.Identity()
         self.act2 = nonlin(**(nonlin_kwargs or {}))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut(x)
-        out = self.norm2(self.conv2(self.act1(self.norm1(self.conv1(x)))))
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor], size: Sequence[int] | None = None,
+                lean: bool = True) -> torch.Tensor:
+        """``x``: a tensor, or the parts of a channel concatenation (coarser parts are upsampled to
+        ``size``, default: the first part's size)."""
+        parts = [x] if isinstance(x, torch.Tensor) else list(x)
+        size = tuple(size) if size is not None else tuple(parts[0].shape[2:])
+        if not lean or len(parts) == 1 or isinstance(self.shortcut, nn.Identity):
+            full = torch.cat([upsample_to(p, size) for p in parts], dim=1) if len(parts) > 1 else upsample_to(parts[0], size)
+            residual = self.shortcut(full)
+            first = self.conv1(full)
+        else:
+            first, residual = self._first_conv_and_shortcut_of_parts(parts, size)
+        out = self.norm2(self.conv2(self.act1(self.norm1(first))))
+        if not lean:
+            out = out * self.channel_attention(out)
+            out = out * self.spatial_attention(out)
+            return self.act2(out + residual)
         out = out * self.channel_attention(out)
-        out = out * self.spatial_attention(out)
-        return self.act2(out + residual)
+        return self.act2(torch.addcmul(residual, out, self.spatial_attention(out)))
+
+    def _first_conv_and_shortcut_of_parts(self, parts: list[torch.Tensor], size: tuple[int, ...]):
+        """conv1 and the 1x1 shortcut of cat(parts) without building the concatenation."""
+        conv = _CONV[parts[0].ndim - 2]
+        w1, b1 = self.conv1.weight, self.conv1.bias
+        proj, proj_norm = self.shortcut[0], self.shortcut[1]
+        first = residual = None
+        c0 = 0
+        for p in parts:
+            c1 = c0 + p.shape[1]
+            term = conv(upsample_to(p, size), w1[:, c0:c1], b1 if c0 == 0 else None, padding=self.conv1.padding)
+            first = term if first is None else first + term
+            short = upsample_to(conv(p, proj.weight[:, c0:c1]), size)  # 1x1 commutes with upsampling
+            residual = short if residual is None else residual + short
+            c0 = c1
+        return first, proj_norm(residual)
