@@ -46,7 +46,7 @@ def stop_training(trainer, message: str) -> NoReturn:
     if log and os.path.isfile(log):
         os.remove(log)
     folder = getattr(trainer, "output_folder", None)
-    for _ in range(3):  # fold_X, Trainer__Plans__config, DatasetXXX_Name
+    for _ in range(3):  # fold_X, Trainer__Plans__config, Dataset<id>_<name>
         if not folder:
             break
         try:
