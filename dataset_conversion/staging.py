@@ -32,7 +32,8 @@ def staging_name(target: Path, kind: str = "tmp", suffix: str = "", pid: int | N
     return target.with_name(f".{target.name}.{kind}-{_HOST}-{os.getpid() if pid is None else pid}{suffix}")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs here (this one included); owned by someone else counts."""
     if pid == os.getpid():
         return True
     try:
@@ -67,7 +68,7 @@ def clean_leftovers(folder: Path, target_prefix: str = "", log=None, may_restore
         m = _LEFTOVER.match(p.name)
         if not m or not m["target"].startswith(target_prefix):
             continue
-        if m["host"] != _HOST or _process_alive(int(m["pid"])):
+        if m["host"] != _HOST or process_alive(int(m["pid"])):
             continue
         original = folder / m["target"]
         if m["kind"] == "old" and not original.exists() and (may_restore is None or may_restore(original)):

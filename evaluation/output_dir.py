@@ -15,6 +15,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from nnunet_pvs.dataset_conversion.staging import process_alive
 from nnunet_pvs.errors import UserError
 
 MARKER = ".nnunet-pvs-output"
@@ -51,19 +52,10 @@ def _remove_stale(path: Path) -> None:
     for prefix in (_STAGING.format(name=path.name), _OLD.format(name=path.name)):
         for p in parent.glob(prefix + "*"):
             pid = p.name[len(prefix):].split("-")[0]
-            if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            if pid.isdigit() and process_alive(int(pid)):
                 continue  # another run (or this one) is still writing there
             shutil.rmtree(p, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager

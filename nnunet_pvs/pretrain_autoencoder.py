@@ -35,13 +35,13 @@ import math
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_pvs.dataset_conversion.staging import process_alive, sigterm_raises
 from nnunet_pvs.errors import UserError
 
 DEFAULT_TRAINER = "nnUNetTrainerAEUNet"
@@ -182,7 +182,7 @@ def remove_leftovers(folder: Path) -> list[Path]:
     removed = []
     for p in folder.iterdir() if folder.is_dir() else []:
         m = _LEFTOVER.match(p.name)
-        if not m or _alive(int(m.group(1))):
+        if not m or process_alive(int(m.group(1))):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         removed.append(p)
@@ -194,33 +194,6 @@ def _umask() -> int:
     os.umask(umask)
     return umask
 
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _TerminateAsExit:
-    """While active, SIGTERM raises SystemExit, so ``finally`` blocks remove the cache."""
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    @staticmethod
-    def _handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
-        return False
 
 
 def read_case(files: list[Path], reader) -> tuple[np.ndarray, dict]:
@@ -461,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"removed {p.name}, left by an interrupted earlier run")
     cache = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=output.parent))
     csv_path, png_path = loss_paths(output)
-    with _TerminateAsExit():
+    with sigterm_raises():
         try:
             npy_files = []
             for case, files in tqdm(cases, desc="preprocessing unlabelled images"):
