@@ -11,6 +11,15 @@ import pytest
 
 BIN = Path(sys.executable).parent
 
+# Whether the running test is marked e2e: ``run_cli`` refuses nnU-Net's own commands in tests that are
+# not, so ``make test-fast`` (``-m "not e2e"``) can never quietly plan or train.
+_RUNNING = {"e2e": True}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING["e2e"] = item.get_closest_marker("e2e") is not None
+
 
 @pytest.fixture
 def nnunet_env(tmp_path, monkeypatch):
@@ -37,7 +46,13 @@ def nnunet_env(tmp_path, monkeypatch):
 
 def run_cli(args: list[str], env: dict | None = None, check: bool = True, timeout: int = 1200,
             cwd: str | Path | None = None) -> subprocess.CompletedProcess:
-    """Run a command as a user would type it; on unexpected failure show its output."""
+    """Run a command as a user would type it; on unexpected failure show its output.
+
+    nnU-Net's commands (``nnUNetv2_*``) may only run in tests marked ``e2e``.
+    """
+    if Path(str(args[0])).name.startswith("nnUNetv2_") and not _RUNNING["e2e"]:
+        pytest.fail(f"{Path(str(args[0])).name} runs a real nnU-Net command: mark this test "
+                    "(or every test using the fixture that runs it) @pytest.mark.e2e", pytrace=False)
     proc = subprocess.run([str(a) for a in args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:

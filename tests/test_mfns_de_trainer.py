@@ -66,6 +66,7 @@ def test_shim_folder_holds_only_shims():
     assert modules == ["__init__.py", "nnunet_pvs_trainers.py"]
 
 
+@pytest.mark.e2e
 def test_stock_lookup_without_plugin_variable_names_it(planned):
     root, env = planned
     env = {k: v for k, v in env.items() if k != "nnUNet_extTrainer"}
@@ -75,6 +76,7 @@ def test_stock_lookup_without_plugin_variable_names_it(planned):
     assert "nnUNet_extTrainer" in proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_train_two_folds_and_predict_ensemble_through_stock_cli(planned, tmp_path):
     root, env = planned
     for fold in (0, 1):
@@ -128,6 +130,7 @@ def in_process(planned, monkeypatch):
     return planned
 
 
+@pytest.mark.e2e
 def test_trainer_states_only_the_paper_differences(in_process):
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -183,6 +186,7 @@ def _batch_through_validation_transforms(tr, n=4, shape=(48, 48)):
     ({"background": 0, "PVS": 1, "ignore": 2}, {}),
     ({"background": 0, "PVS": [1], "lacune": [2], "ignore": 3}, {"regions_class_order": [1, 2]}),
 ], ids=["multiclass", "ignore_label", "regions_with_ignore"])
+@pytest.mark.e2e
 def test_label_variants_train_and_validate(in_process, labels, extra):
     from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe
 
@@ -207,6 +211,7 @@ def test_label_variants_train_and_validate(in_process, labels, extra):
     assert np.isfinite(tr.validation_step(batch)["loss"])
 
 
+@pytest.mark.e2e
 def test_multiclass_dataloader_batch_trains(in_process):
     """The real nnU-Net data loader + training pipeline with the trainer (nnUNet_n_proc_DA=0)."""
     from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe
@@ -220,6 +225,7 @@ def test_multiclass_dataloader_batch_trains(in_process):
     assert np.isfinite(tr.train_step(batch)["loss"])
 
 
+@pytest.mark.e2e
 def test_log_names_the_network_and_the_plan_parts_it_uses(in_process):
     """The folder and nnU-Net's log name the plan's network class; our log says what is built instead."""
     from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe_planDepth
@@ -238,6 +244,7 @@ def test_log_names_the_network_and_the_plan_parts_it_uses(in_process):
     assert tr.nnunet_pvs_plugin["trainer"] == "nnUNetTrainerMfNSDe_planDepth"  # provenance for debug.json
 
 
+@pytest.mark.e2e
 def test_three_d_configuration_warns_that_the_method_is_2d(in_process):
     from nnunet_pvs.trainers.mfns_de import nnUNetTrainerMfNSDe
 
