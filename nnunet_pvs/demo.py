@@ -56,8 +56,8 @@ class DemoSettings:
     test: int = 3
     unlabeled: int = 8
     folds: list[int] = field(default_factory=lambda: [0])
-    epochs: int | None = 8
-    iterations: int | None = 25
+    epochs: int | None = 10
+    iterations: int | None = 20
     val_iterations: int | None = 4
     ae_epochs: int = 3
     ae_iterations: int = 20
@@ -105,8 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--full", action="store_true",
                       help="the papers' budgets (1000 epochs, 5 folds, whole-brain phantom) on a GPU")
     p.add_argument("--folds", type=int, nargs="+", help="folds to train (default 0; --full: 0 1 2 3 4)")
-    p.add_argument("--epochs", type=int, help="epochs per model, autoencoder included (default 8; autoencoder 3)")
-    p.add_argument("--iterations", type=int, help="iterations per epoch (default 25; autoencoder 20)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs per model, autoencoder included (default 10, the fewest the convergence rule "
+                        "judges; autoencoder 3)")
+    p.add_argument("--iterations", type=int, help="iterations per epoch (default 20; autoencoder 20)")
     p.add_argument("--subjects", type=int, help="labelled subjects per dataset (default 20)")
     p.add_argument("--test", type=int, help="held-out test subjects per dataset, for the census (default 3)")
     p.add_argument("--unlabeled", type=int, help="unlabelled T1w scans for the autoencoder (default 8)")

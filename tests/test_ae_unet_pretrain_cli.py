@@ -36,10 +36,10 @@ def _img(path: Path, shape=(20, 20, 20), seed=0):
     return path
 
 
-def _pretrain(env, unlabeled, out, dataset="993", config="3d_fullres", extra=()):
+def _pretrain(env, unlabeled, out, dataset="993", config="3d_fullres", extra=(), in_process=None):
     return run_cli([BIN / "nnunet-pvs", "pretrain-autoencoder", "-d", dataset, "-c", config, "--unlabeled",
                     unlabeled, "-o", out, "--epochs", "1", "--iterations", "1", "--val-iterations", "1",
-                    "--device", "cpu", *extra], env=env, check=False, timeout=300)
+                    "--device", "cpu", *extra], env=env, check=False, timeout=300, in_process=in_process)
 
 
 def _case_missing(folder: Path) -> tuple[Path, str]:

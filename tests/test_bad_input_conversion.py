@@ -254,7 +254,9 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(nnunet_env, tmp_path, 
     case = BUILDERS[command](work, nnunet_env, kind)
     inputs_before = _tree(*case.inputs)
     outputs_before = _tree(*case.outputs)
-    p = run_cli([CLI, *case.args], env=nnunet_env["env"], check=False, timeout=120)
+    # the first case of each command as a real process, the others in-process (conftest.run_cli)
+    p = run_cli([CLI, *case.args], env=nnunet_env["env"], check=False, timeout=120,
+                in_process=kind != CASES[command][0])
     assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert "Traceback" not in p.stderr
     error = [ln for ln in p.stderr.splitlines() if ln.startswith(f"nnunet-pvs {command}: error:")]

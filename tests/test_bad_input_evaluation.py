@@ -3,8 +3,8 @@
 Every case must exit 2 with one line naming the offending file or value, no traceback, leave the
 inputs untouched, and leave no output, partial file or hidden staging folder behind (a previous
 output folder stays exactly as it was). The battery calls the `nnunet-pvs` entry point in-process
-(the same ``main`` the console script runs) to stay fast; a few cases also run as a real
-subprocess to show both behave alike.
+(``conftest.run_cli``: the same ``main`` the console script runs) to stay fast; a few cases run as a
+real subprocess to show both behave alike.
 """
 
 from __future__ import annotations
@@ -178,32 +178,17 @@ CASES = [
 ]
 
 
-def _in_process(argv, capsys) -> tuple[int, str]:
-    """Run the console script's ``main`` in this process; argparse's own errors exit with 2."""
-    from nnunet_pvs.cli import main
-
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    return rc, capsys.readouterr().err
-
-
 SUBPROCESS = {"thresholds without step", "npz without its pkl", "duplicate visual row"}
 
 
 @pytest.mark.parametrize("name,argv,setup,token", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(world, name, argv, setup, token, capsys):
+def test_bad_input(world, name, argv, setup, token):
     if setup is not None:
         setup(world)
     out = world / "out"
     before = _snapshot(world, skip=world / "__none__")
-    if name in SUBPROCESS:
-        proc = run_cli([CLI, *argv(world)], check=False)
-        rc, err = proc.returncode, proc.stderr
-    else:
-        rc, err = _in_process(argv(world), capsys)
+    proc = run_cli([CLI, *argv(world)], check=False, in_process=name not in SUBPROCESS)
+    rc, err = proc.returncode, proc.stderr
     assert rc == 2, err[-2000:]
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "error:" in ln]

@@ -66,7 +66,8 @@ def test_pretrain_output_never_overwrites_an_input(nnunet_env, tmp_path, case):
         (u / "sub").mkdir()
     out, expected = PRETRAIN_CASES[case](tmp_path, u, pre)
     before = _tree(tmp_path)
-    proc = _pretrain(nnunet_env["env"], u, out)
+    # one case as a real process, the others in-process (conftest.run_cli)
+    proc = _pretrain(nnunet_env["env"], u, out, in_process=case != "output_is_an_input_image")
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr and str(out.name) in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -77,7 +77,7 @@ def _nnunet_ema(results: Path, spec: str, fold: str) -> list[float]:
 
 
 def test_report_names_every_model_budget_checkpoint_and_convergence(trained):
-    from nnunet_pvs.compare.training_progress import CONVERGED, NOT_CONVERGED, verdict
+    from nnunet_pvs.compare.training_progress import CONVERGED, NOT_CONVERGED, NOT_LEARNING, verdict
 
     out = trained["root"] / "report_cv"
     md = (out / "report.md").read_text()
@@ -95,10 +95,13 @@ def test_report_names_every_model_budget_checkpoint_and_convergence(trained):
     # convergence: our verdict from the logs equals the rule applied to nnU-Net's own EMA series
     for spec in (STOCK, MFNS):
         verdicts = {f: verdict(_nnunet_ema(trained["results"], spec, f))[0] for f in FOLDS}
-        bad = [f for f, v in verdicts.items() if v == NOT_CONVERGED]
+        folds_with = lambda v: [str(f) for f, x in verdicts.items() if x == v]  # noqa: E731
+        flat, bad = folds_with(NOT_LEARNING), folds_with(NOT_CONVERGED)
         flag = models.loc[spec, "convergence"]
-        if bad:
-            assert flag == f"{NOT_CONVERGED} (fold{'s' if len(bad) > 1 else ''} {', '.join(bad)})"
+        parts = [f"{name} (fold{'s' if len(fs) > 1 else ''} {', '.join(fs)})"
+                 for name, fs in ((NOT_LEARNING, flat), (NOT_CONVERGED, bad)) if fs]
+        if parts:
+            assert flag == "; ".join(parts)
         else:
             assert set(verdicts.values()) == {CONVERGED} and flag == CONVERGED
     for m in models.index:  # every model's row in report.md carries its checkpoint, budget and flag

@@ -16,7 +16,8 @@ from conftest import run_cli
 from test_compare import (BASE, CASES, CLI, DATASET, FOLD_OF, MFNS, REF_RUN, RUNS, SHAPE, hand_metrics, make_dataset,
                           model_folder)
 
-from nnunet_pvs.compare.training_progress import (CONVERGED, NOT_CONVERGED, UNDETERMINED, ema_series,
+from nnunet_pvs.compare.training_progress import (CONVERGED, NOT_CONVERGED, NOT_LEARNING, UNDETERMINED,
+                                                  FoldProgress, model_verdict, ema_series,
                                                   fold_progress, verdict)
 
 BUDGET = "nnUNetTrainer_budget:3d_fullres"
@@ -50,6 +51,13 @@ def test_convergence_rule_by_hand(tmp_path):
     ema = ema_series(rising)
     assert ema[9] - ema[7] > 0.01 and verdict(ema)[0] == NOT_CONVERGED
     assert verdict(ema_series([0.1, 0.9] * 4))[0] == UNDETERMINED     # 8 epochs: too few
+    # background only: flat at 0 is not learning, not converged, whatever the number of epochs
+    assert verdict(ema_series([0.0] * 12))[0] == NOT_LEARNING
+    assert verdict(ema_series([0.0] * 3))[0] == NOT_LEARNING
+    assert verdict(ema_series([0.0] * 11 + [0.2]))[0] == NOT_CONVERGED   # EMA 0.02: it started
+    assert model_verdict([FoldProgress(0, verdict=NOT_LEARNING), FoldProgress(1, verdict=NOT_CONVERGED),
+                          FoldProgress(2, verdict=CONVERGED)]) == (
+        "not learning at this budget (fold 0); not converged at this budget (fold 1)")
     # rise of exactly 0.005 over the last fifth: converged
     almost = ema_series([0.5] * 10)
     almost[-1] = almost[-3] + 0.005

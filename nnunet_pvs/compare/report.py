@@ -14,7 +14,7 @@ import pandas as pd
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare.stats import METRIC_DIRECTION
-from nnunet_pvs.compare.training_progress import MIN_EPOCHS, RISE_TOL
+from nnunet_pvs.compare.training_progress import LEARN_FLOOR, MIN_EPOCHS, NOT_LEARNING, RISE_TOL
 
 VOXEL_METRICS = [("dice", "DSC"), ("sensitivity", "SEN"), ("ppv", "PPV")]
 CLUSTER_METRICS = [("cluster_tpr", "cTPR"), ("cluster_ppv", "cPPV"), ("cluster_dice", "cDSC")]
@@ -210,7 +210,8 @@ def render_markdown(d: ReportData, plots: bool) -> str:
                 "Budget = epochs run x training iterations per epoch, read from each fold's `training_log_*.txt` "
                 "and `debug.json`. Convergence: the EMA pseudo Dice nnU-Net logs per epoch; a fold is "
                 f"\"not converged at this budget\" when it rose by more than {RISE_TOL} over the last fifth of the "
-                f"epochs, \"undetermined\" with fewer than {MIN_EPOCHS} epochs.", ""]
+                f"epochs, \"undetermined\" with fewer than {MIN_EPOCHS} epochs, and \"{NOT_LEARNING}\" when it "
+                f"never exceeded {LEARN_FLOOR} (the network still predicts background only).", ""]
         mt = d.models_table.rename(columns={
             "model": "Model", "status": "Status", "checkpoint": "Checkpoint used", "budget": "Budget run",
             "convergence": "Convergence", "ema_pseudo_dice_last": "final EMA pseudo Dice (mean of folds)"})

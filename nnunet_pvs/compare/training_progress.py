@@ -10,7 +10,9 @@
 * **Convergence rule**: with ``N`` epochs (``N >= MIN_EPOCHS``) and ``k = ceil(N / 5)`` (the last
   fifth), the fold is "not converged at this budget" when the EMA pseudo Dice rose by more than
   ``RISE_TOL`` over those ``k`` epochs (``ema[N-1] - ema[N-1-k]``), else "converged"; fewer
-  epochs are "undetermined". A model is not converged if any fold is.
+  epochs are "undetermined". Whatever the number of epochs, a fold whose EMA pseudo Dice never
+  exceeded ``LEARN_FLOOR`` is "not learning at this budget": a network that still predicts
+  background only is flat, not converged. A model is not converged if any fold is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from nnunet_pvs.compare.training_cost import _EPOCH
 
 MIN_EPOCHS = 10
 RISE_TOL = 0.01
+LEARN_FLOOR = 0.01
 NOT_CONVERGED = "not converged at this budget"
+NOT_LEARNING = "not learning at this budget"
 CONVERGED = "converged"
 UNDETERMINED = "undetermined"
 
@@ -104,6 +108,10 @@ def _checkpoint_logging(fold_dir: Path) -> tuple[str, dict] | None:
 def verdict(ema: list[float], min_epochs: int = MIN_EPOCHS, tol: float = RISE_TOL) -> tuple[str, str]:
     """The convergence rule of this module on one EMA series: (verdict, explanation)."""
     n = len(ema)
+    finite = [e for e in ema if math.isfinite(e)]
+    if finite and max(finite) <= LEARN_FLOOR:
+        return NOT_LEARNING, (f"EMA pseudo Dice never above {LEARN_FLOOR} in {n} epoch(s): the network still "
+                              "predicts background only")
     if n < min_epochs:
         return UNDETERMINED, f"{n} epoch(s) of EMA pseudo Dice, the rule needs {min_epochs}"
     k = math.ceil(n / 5)
@@ -154,9 +162,17 @@ def budget_text(folds: list[FoldProgress]) -> str:
 
 
 def model_verdict(folds: list[FoldProgress]) -> str:
+    def which(folds_):
+        return f"fold{'s' if len(folds_) > 1 else ''} {', '.join(map(str, folds_))}"
+
+    flat = [f.fold for f in folds if f.verdict == NOT_LEARNING]
     bad = [f.fold for f in folds if f.verdict == NOT_CONVERGED]
+    if flat and bad:
+        return f"{NOT_LEARNING} ({which(flat)}); {NOT_CONVERGED} ({which(bad)})"
+    if flat:
+        return f"{NOT_LEARNING} ({which(flat)})"
     if bad:
-        return f"{NOT_CONVERGED} (fold{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))})"
+        return f"{NOT_CONVERGED} ({which(bad)})"
     ok = [f.fold for f in folds if f.verdict == CONVERGED]
     if ok and len(ok) == len(folds):
         return CONVERGED
