@@ -73,29 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------
 # input resolution and validation (everything here runs before any output is written)
 
-def _preprocessed_dataset_name(preprocessed: Path, dataset: str) -> str | None:
-    """``DatasetXXX_Name`` folder in nnUNet_preprocessed for an id (``994``) or a full name, as nnU-Net
-    resolves ``-d``; None when there is none."""
-    if dataset.isdigit():
-        hits = sorted(p.name for p in preprocessed.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
-        if len(hits) > 1:
-            raise UserError(f"{preprocessed}: dataset id {dataset} is ambiguous ({', '.join(hits)})")
-        return hits[0] if hits else None
-    return dataset if dataset.startswith("Dataset") and (preprocessed / dataset).is_dir() else None
-
-
 def _resolve_dataset(dataset: str, configuration: str, plans_identifier: str):
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
-    # read when called, not when nnunetv2.paths was first imported (a notebook may change it)
-    nnUNet_preprocessed = os.environ.get("nnUNet_preprocessed")
     if not nnUNet_preprocessed:
         raise UserError("nnUNet_preprocessed: environment variable not set")
-    name = _preprocessed_dataset_name(Path(nnUNet_preprocessed), str(dataset))
-    if name is None:
-        raise UserError(f"{nnUNet_preprocessed}: dataset {dataset} not found; run "
-                        f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first")
+    try:
+        name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{nnUNet_preprocessed}: dataset {dataset} not found ({e}); run "
+                        f"nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first") from None
     plans_file = Path(nnUNet_preprocessed) / name / f"{plans_identifier}.json"
     dataset_json_file = Path(nnUNet_preprocessed) / name / "dataset.json"
     for f in (plans_file, dataset_json_file):

@@ -90,6 +90,24 @@ def test_bad_unlabeled_input(nnunet_env, tmp_path, make_case):
     assert list(out.parent.iterdir()) == [], "no output (nor losses, nor cache) on bad input"
 
 
+def test_dataset_is_looked_up_where_nnUNet_preprocessed_points_now(nnunet_env, tmp_path):
+    """Two nnU-Net folders in one process (a notebook, this test session): -d is resolved in the
+    folder the variable names at the call (nnU-Net 2.8.1's paths read the environment on use)."""
+    u = tmp_path / "u"
+    u.mkdir()
+    _img(u / "a.nii.gz"), _img(u / "b.nii.gz")
+    out = tmp_path / "out" / "ae.pth"
+    out.parent.mkdir()
+    for name in ("first", "second"):
+        pre = tmp_path / name
+        d = _planned_dataset(pre)
+        env = {**nnunet_env["env"], "nnUNet_preprocessed": str(pre)}
+        proc = _pretrain(env, u, out, config="3d_lowres", in_process=True)
+        assert proc.returncode == 2 and str(d / "nnUNetPlans.json") in proc.stderr, proc.stderr
+        proc = _pretrain(env, u, out, dataset="Dataset993_PlansOnly", config="3d_lowres", in_process=True)
+        assert proc.returncode == 2 and str(d / "nnUNetPlans.json") in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("dataset,config,expected", [
     ("993", "3d_lowres", "not planned for configuration '3d_lowres'"),
     ("994", "3d_fullres", "dataset 994 not found"),
