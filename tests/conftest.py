@@ -21,27 +21,38 @@ def pytest_runtest_setup(item):
     _RUNNING["e2e"] = item.get_closest_marker("e2e") is not None
 
 
-@pytest.fixture
-def nnunet_env(tmp_path, monkeypatch):
-    """nnU-Net's three folders inside tmp_path, our trainers on ``nnUNet_extTrainer``, one process.
-
-    Returns the environment dict to hand to subprocesses; it is also applied to os.environ.
-    """
+def nnunet_folders(root: Path, **overrides: str) -> tuple[dict, dict]:
+    """nnU-Net's three folders created under ``root`` and the environment to run in them: our trainers
+    on ``nnUNet_extTrainer``, one worker process, no compilation, no ``NNUNET_PVS_*`` budget inherited
+    from the caller's shell; ``overrides`` are added last. Returns ``(env, {variable: folder})``."""
     from nnunet_pvs.plugin_env import ext_trainer_value
 
-    dirs = {k: tmp_path / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for k, d in dirs.items():
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
         d.mkdir()
-        monkeypatch.setenv(k, str(d))
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(""))
-    monkeypatch.setenv("nnUNet_n_proc_DA", "1")  # 0 breaks nnU-Net 2.8.1 planning (set_num_threads(0))
-    monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    monkeypatch.setenv("nnUNet_compile", "f")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env = dict(os.environ)
-    env["_dirs"] = ""  # marker so callers can tell this env came from the fixture
-    return {"env": env, **{k: Path(v) for k, v in dirs.items()}}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNUNET_PVS_")}
+    env.update({k: str(d) for k, d in dirs.items()})
+    env.update(nnUNet_extTrainer=ext_trainer_value(""),
+               nnUNet_n_proc_DA="1",  # 0 breaks nnU-Net 2.8.1 planning (set_num_threads(0))
+               nnUNet_def_n_proc="1", nnUNet_compile="f", OMP_NUM_THREADS="2",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(overrides)
+    return env, dirs
+
+
+@pytest.fixture
+def nnunet_env(tmp_path, monkeypatch):
+    """``nnunet_folders`` inside tmp_path, also applied to os.environ for the test.
+
+    Returns the environment dict to hand to subprocesses and the three folders.
+    """
+    env, dirs = nnunet_folders(tmp_path)
+    for k in [k for k in os.environ if k not in env]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    env = {**env, "_dirs": ""}  # marker so callers can tell this env came from the fixture
+    return {"env": env, **dirs}
 
 
 def run_cli(args: list[str], env: dict | None = None, check: bool = True, timeout: int = 1200,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import nnunet_folders, run_cli
 from synthetic import write_tiny_dataset
 from test_ae_unet_network import TINY_PLANS
 from test_ae_unet_pretrain_cli import _img, _planned_dataset, _pretrain
@@ -143,16 +142,8 @@ def test_pretrain_sigterm_removes_the_cache_and_a_killed_runs_cache_goes_next_ti
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A tiny 3D dataset planned once for this module's nnUNetv2_train runs."""
-    from nnunet_pvs.plugin_env import ext_trainer_value
-
     root = tmp_path_factory.mktemp("badtrain")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for d in dirs.values():
-        d.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NNUNET_PVS_")}
-    env.update({k: str(v) for k, v in dirs.items()})
-    env.update({"nnUNet_extTrainer": ext_trainer_value(""), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
-                "nnUNet_compile": "f", "OMP_NUM_THREADS": "2", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    env, dirs = nnunet_folders(root)
     write_tiny_dataset(dirs["nnUNet_raw"], 983, "TinyBad", n_cases=5, shape=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
                        seed=9, n_test=0, channel="T1w")
     run_cli([BIN / "nnUNetv2_plan_and_preprocess", "-d", "983", "-c", "3d_fullres", "-np", "1"], env=env)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import nnunet_folders, run_cli
 from synthetic import write_tiny_dataset
 from test_ae_unet_network import TINY_DATASET_JSON, TINY_PLANS
 
@@ -103,18 +103,8 @@ RESULTS_NAME = "Dataset981_TinyBudget"
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A tiny 3D dataset planned once (2d and 3d_fullres) for every e2e test of this module."""
-    import os
-
-    from nnunet_pvs.plugin_env import ext_trainer_value
-
     root = tmp_path_factory.mktemp("budget")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for d in dirs.values():
-        d.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in (*BUDGET_VARIABLES, "NNUNET_PVS_RESUME_BUDGET")}
-    env.update({k: str(v) for k, v in dirs.items()})
-    env.update({"nnUNet_extTrainer": ext_trainer_value(""), "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1",
-                "nnUNet_compile": "f", "OMP_NUM_THREADS": "2", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    env, dirs = nnunet_folders(root)
     write_tiny_dataset(dirs["nnUNet_raw"], int(DATASET), "TinyBudget", n_cases=5, shape=(32, 32, 32),
                        spacing=(1.0, 1.0, 1.0), seed=5, n_test=0, channel="T1w")
     run_cli([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "3d_fullres", "-np", "1"], env=env)

@@ -5,7 +5,6 @@ and Cai's protocol. The fixture trains once per module; every test reads its rep
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import BIN, run_cli
+from conftest import BIN, nnunet_folders, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -31,15 +30,8 @@ FOLDS = ("0", "1")
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from nnunet_pvs.plugin_env import ext_trainer_value
-
     root = tmp_path_factory.mktemp("compare_e2e")
-    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for d in dirs.values():
-        d.mkdir()
-    env = {**os.environ, **{k: str(v) for k, v in dirs.items()}, "nnUNet_extTrainer": ext_trainer_value(""),
-           "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "nnUNet_compile": "f", "OMP_NUM_THREADS": "1",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "NNUNET_PVS_VAL_ITERATIONS": "1"}
+    env, dirs = nnunet_folders(root, OMP_NUM_THREADS="1", NNUNET_PVS_VAL_ITERATIONS="1")
     run_cli([CLI, "phantom", "--size", "tiny", "--subjects", "5", "-d", DID], env=env)
     run_cli([BIN / "nnUNetv2_plan_and_preprocess", "-d", DID, "-c", "2d", "-np", "1"], env=env)
     # Cai's groups: fold k tests on group k, validates on another, trains on three

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, run_cli
+from conftest import BIN, nnunet_folders, run_cli
 from synthetic import write_tiny_dataset
 
 DATASET_ID = 991
@@ -23,15 +23,8 @@ SHAPE = (48, 48, 6)  # x, y, slices at 0.69 x 0.69 x 2 mm: the 2d configuration 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     """A tiny T2w-like dataset, planned and preprocessed for 2d with the stock command, once."""
-    from nnunet_pvs.plugin_env import ext_trainer_value
-
     root = tmp_path_factory.mktemp("mfns")
-    env = dict(os.environ)
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / k).mkdir()
-        env[k] = str(root / k)
-    env.update(nnUNet_extTrainer=ext_trainer_value(""), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-               nnUNet_compile="f", OMP_NUM_THREADS="2", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env, _ = nnunet_folders(root)
     write_tiny_dataset(root / "nnUNet_raw", DATASET_ID, n_cases=6, shape=SHAPE, n_test=2)
     run_cli([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "--verify_dataset_integrity"],
             env=env)
