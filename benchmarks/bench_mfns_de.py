@@ -179,6 +179,8 @@ def main() -> int:
 
     import torch
 
+    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (A B C D A B C D ...); median kept")
@@ -250,9 +252,7 @@ def main() -> int:
         f"{r[0]}{label[r[1]]} " + ", ".join(f"{t:.2f}" for t in times[r]) for r in rows), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"mfns_de_{args.device}.md"
-    tmp_out = out.with_suffix(".md.tmp")
-    tmp_out.write_text("\n".join(lines))
-    os.replace(tmp_out, out)
+    write_text_atomic(out, "\n".join(lines))
     print("\n".join(lines))
     print(f"written {out}")
     return 0

@@ -111,6 +111,8 @@ def predict_seconds(env: dict, model: tuple, out: Path, tta: bool, log: Path) ->
 
 
 def main() -> int:
+    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=1, help="test subjects predicted per call (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per model; the fastest is kept")
@@ -168,9 +170,7 @@ def main() -> int:
     lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     dest = args.out / "predict_cpu.md"
-    tmp = dest.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, dest)
+    write_text_atomic(dest, "\n".join(lines))
     print("\n".join(lines))
     print(f"written {dest}")
     return 0
