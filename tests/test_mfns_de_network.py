@@ -234,3 +234,28 @@ def test_lean_path_equals_plain_reference(name):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
     for n in ref_grad:
         torch.testing.assert_close(lean_grad[n], ref_grad[n], rtol=1e-8, atol=1e-9, msg=n)
+
+
+def test_lean_2d_path_runs_its_convolutions_channels_last():
+    """The layout the lean path exists for: with instance norm (which returns channels-first maps),
+    every 3x3 and 7x7 kernel of a 2D network still sees a channels-last input, and the plain
+    path is left in torch's default layout."""
+    from nnunet_pvs.networks.attention import ResCBAMBlock
+
+    kwargs, patch = PLANS["2d"]
+    net = mfns_de_from_plans(kwargs, REQ_IMPORT, 1, 2, True)
+    seen: dict[bool, list[bool]] = {True: [], False: []}
+
+    def record(module, inputs):
+        x = inputs[0]
+        seen[net.lean].append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+    blocks = [m for m in net.modules() if isinstance(m, ResCBAMBlock)]
+    for block in blocks:
+        block.conv2.register_forward_pre_hook(record)
+        block.spatial_attention.conv.register_forward_pre_hook(record)
+    for lean in (True, False):
+        net.lean = lean
+        net(torch.randn(2, 1, *patch))
+    assert len(seen[True]) == 2 * len(blocks) and all(seen[True])
+    assert not any(seen[False])
