@@ -10,7 +10,10 @@ every model (``-device cpu -npp 1 -nps 1``, test-time mirroring off unless ``--t
 * T1w-like (1 mm): ``nnUNetTrainerAEUNet_budget`` 3d_fullres vs ``nnUNetTrainer_budget`` 3d_fullres.
 
 Each model is trained for a token budget (1 epoch x 1 iteration) only to have a checkpoint:
-prediction time does not depend on the weights. Models are predicted in alternating rounds
+prediction time does not depend on the weights. That training runs nnU-Net's own trainer
+(``get_trainer_from_args`` + ``run_training``, what ``nnUNetv2_train`` calls) but stops before
+``nnUNetv2_train``'s final validation, a whole-brain prediction with mirroring that costs more than
+everything timed here. Models are predicted in alternating rounds
 (A B C A B C ...) and each model's fastest round is kept, so load from other processes on a shared
 machine does not favour one model. Writes ``benchmarks/results/predict_cpu.md``.
 
@@ -75,6 +78,16 @@ def _environment(work: Path) -> dict:
     return env
 
 
+#: nnUNetv2_train's steps up to checkpoint_final.pth, without its final validation (a fresh process:
+#: nnU-Net reads its folders from the environment at import)
+_TRAIN_WITHOUT_FINAL_VALIDATION = """
+import sys, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+trainer = get_trainer_from_args(sys.argv[1], sys.argv[2], 0, sys.argv[3], device=torch.device("cpu"))
+trainer.run_training()
+"""
+
+
 def _dataset_folder(root: Path, dataset_id: int) -> Path:
     return next(root.glob(f"Dataset{dataset_id:03d}_*"))
 
@@ -97,7 +110,7 @@ def prepare(work: Path, env: dict, subjects: int, logs: Path) -> None:
     for dataset_id, config, trainer in MODELS:
         fold = results / _dataset_folder(raw, dataset_id).name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
         if not (fold / "checkpoint_final.pth").exists():
-            _run([BIN / "nnUNetv2_train", dataset_id, config, 0, "-tr", trainer, "-device", "cpu"],
+            _run([sys.executable, "-c", _TRAIN_WITHOUT_FINAL_VALIDATION, dataset_id, config, trainer],
                  env, logs / f"train_{dataset_id}_{config}_{trainer}.log")
 
 
