@@ -1,0 +1,106 @@
+"""Does depth matter? MfNS_De's default (DNANet, 5 levels) vs ``_lite`` vs ``_planDepth`` through ``compare``.
+
+Everything runs through the commands a user types: ``nnunet-pvs phantom`` (T2w-like, ``--size
+small``), ``nnUNetv2_plan_and_preprocess -c 2d``, ``nnUNetv2_train`` of the three ``*_budget``
+variants on the same fold(s) with the same budget (``NNUNET_PVS_EPOCHS`` / ``_ITERATIONS``), and
+``nnunet-pvs compare`` with the default trainer as the baseline (paired tests, convergence verdict
+per model, training cost). The compare report is copied to ``benchmarks/results/depth_study/``.
+
+    python benchmarks/bench_depth.py [--subjects 20] [--epochs 10] [--iterations 20] [--folds 0]
+
+A CPU budget of a few minutes per training says which variant learns fastest, not which one is
+best at nnU-Net's 1000 epochs; the report's convergence column says how far each one got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+DATASET_ID = 963
+TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nnUNetTrainerMfNSDe_planDepth_budget"]
+
+
+def _run(cmd: list, env: dict, log: Path) -> float:
+    """One command, output to ``log``; its wall seconds; stops with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run([str(c) for c in cmd], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    from nnunet_pvs.plugin_env import ext_trainer_value
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--subjects", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    ap.add_argument("--folds", type=int, nargs="+", default=[0])
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/nnunet_pvs_bench_depth"),
+                    help="phantom, plans and trainings; kept, re-runs skip finished steps")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "depth_study")
+    args = ap.parse_args()
+
+    work = args.work_dir.resolve()
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (work / k).mkdir(exist_ok=True)
+        env[k] = str(work / k)
+    env.update(nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer", "")), nnUNet_n_proc_DA="1",
+               nnUNet_def_n_proc="1", nnUNet_compile="f", NNUNET_PVS_EPOCHS=str(args.epochs),
+               NNUNET_PVS_ITERATIONS=str(args.iterations), NNUNET_PVS_VAL_ITERATIONS=str(max(1, args.iterations // 10)),
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    raw = work / "nnUNet_raw"
+    if not list(raw.glob(f"Dataset{DATASET_ID}_*")):
+        _run([BIN / "nnunet-pvs", "phantom", "-d", DATASET_ID, "--contrast", "T2w", "--size", "small",
+              "--subjects", args.subjects, "-o", raw], env, logs / "phantom.log")
+    dataset = next(raw.glob(f"Dataset{DATASET_ID}_*"))
+    if not (work / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans.json").exists():
+        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", 1], env, logs / "plan.log")
+    seconds = {}
+    for trainer in TRAINERS:
+        for fold in args.folds:
+            done = work / "nnUNet_results" / dataset.name / f"{trainer}__nnUNetPlans__2d" / f"fold_{fold}" / \
+                "validation" / "summary.json"
+            if done.exists():
+                continue
+            seconds[trainer, fold] = _run([BIN / "nnUNetv2_train", DATASET_ID, "2d", fold, "-tr", trainer,
+                                           "-device", "cpu"], env, logs / f"train_{trainer}_{fold}.log")
+            print(f"{trainer} fold {fold}: {seconds[trainer, fold]:.0f} s", flush=True)
+    report = work / "report"
+    if report.exists():
+        shutil.rmtree(report)
+    _run([BIN / "nnunet-pvs", "compare", "-d", DATASET_ID, "--models", *(f"{t}:2d" for t in TRAINERS),
+          "--baseline", f"{TRAINERS[0]}:2d", "--folds", *args.folds, "--regions", dataset / "regions",
+          "--device", "cpu", "-o", report], env, logs / "compare.log")
+    staged = args.out.with_name(args.out.name + ".tmp")
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(report, staged)
+    (staged / "RUN.md").write_text(
+        f"`python benchmarks/bench_depth.py --subjects {args.subjects} --epochs {args.epochs} --iterations "
+        f"{args.iterations} --folds {' '.join(map(str, args.folds))}`, CPU, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Wall seconds of each training (including "
+        "nnU-Net's final validation), where this run trained it: "
+        + (", ".join(f"{t} fold {f} {s:.0f}" for (t, f), s in seconds.items()) or "all reused") + ".\n")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    staged.rename(args.out)
+    print(f"report: {args.out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
