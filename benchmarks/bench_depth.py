@@ -17,29 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
 DATASET_ID = 963
 TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nnUNetTrainerMfNSDe_planDepth_budget"]
 
 
-def _run(cmd: list, env: dict, log: Path) -> float:
-    """One command, output to ``log``; its wall seconds; stops with the log's tail on failure."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run([str(c) for c in cmd], env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} exited {proc.returncode}; see {log}:\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - t0
-
-
 def main() -> int:
-    from nnunet_pvs.plugin_env import ext_trainer_value
+    from bench_predict import BIN, _environment, _run  # same folder: nnU-Net folders under the work dir, one command
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=20)
@@ -54,14 +42,9 @@ def main() -> int:
     work = args.work_dir.resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / k).mkdir(exist_ok=True)
-        env[k] = str(work / k)
-    env.update(nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer", "")), nnUNet_n_proc_DA="1",
-               nnUNet_def_n_proc="1", nnUNet_compile="f", NNUNET_PVS_EPOCHS=str(args.epochs),
-               NNUNET_PVS_ITERATIONS=str(args.iterations), NNUNET_PVS_VAL_ITERATIONS=str(max(1, args.iterations // 10)),
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env = _environment(work)
+    env.update(NNUNET_PVS_EPOCHS=str(args.epochs), NNUNET_PVS_ITERATIONS=str(args.iterations),
+               NNUNET_PVS_VAL_ITERATIONS=str(max(1, args.iterations // 10)))
     raw = work / "nnUNet_raw"
     if not list(raw.glob(f"Dataset{DATASET_ID}_*")):
         _run([BIN / "nnunet-pvs", "phantom", "-d", DATASET_ID, "--contrast", "T2w", "--size", "small",
