@@ -83,7 +83,7 @@ class SpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor, lean: bool = True) -> torch.Tensor:
         mx = x.max(dim=1, keepdim=True)[0] if lean else x.amax(dim=1, keepdim=True)  # see ChannelAttention
         pooled = torch.cat([x.mean(dim=1, keepdim=True), mx], dim=1)
-        if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if lean:
             # the two 1-channel maps come back channels-first; oneDNN runs this 2-to-1 7x7 kernel
             # (forward + backward) about 5x faster channels-last
             pooled = channels_last(pooled)
