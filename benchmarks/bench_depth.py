@@ -29,6 +29,8 @@ TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nn
 def main() -> int:
     from bench_predict import BIN, _environment, _run  # same folder: nnU-Net folders under the work dir, one command
 
+    from nnunet_pvs.dataset_conversion.staging import replace_folder, staging_name
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=10)
@@ -68,7 +70,7 @@ def main() -> int:
     _run([BIN / "nnunet-pvs", "compare", "-d", DATASET_ID, "--models", *(f"{t}:2d" for t in TRAINERS),
           "--baseline", f"{TRAINERS[0]}:2d", "--folds", *args.folds, "--regions", dataset / "regions",
           "--device", "cpu", "-o", report], env, logs / "compare.log")
-    staged = args.out.with_name(args.out.name + ".tmp")
+    staged = staging_name(args.out)
     if staged.exists():
         shutil.rmtree(staged)
     shutil.copytree(report, staged)
@@ -78,9 +80,7 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Wall seconds of each training (including "
         "nnU-Net's final validation), where this run trained it: "
         + (", ".join(f"{t} fold {f} {s:.0f}" for (t, f), s in seconds.items()) or "all reused") + ".\n")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    staged.rename(args.out)
+    replace_folder(staged, args.out)
     print(f"report: {args.out / 'report.md'}")
     return 0
 
