@@ -27,7 +27,7 @@ TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nn
 
 
 def main() -> int:
-    from bench_predict import BIN, _environment, _run  # same folder: nnU-Net folders under the work dir, one command
+    from bench_predict import BIN, _run, small_t2w_study  # same folder
 
     from nnunet_pvs.dataset_conversion.staging import replace_folder, staging_name
 
@@ -42,18 +42,8 @@ def main() -> int:
     args = ap.parse_args()
 
     work = args.work_dir.resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = _environment(work)
-    env.update(NNUNET_PVS_EPOCHS=str(args.epochs), NNUNET_PVS_ITERATIONS=str(args.iterations),
-               NNUNET_PVS_VAL_ITERATIONS=str(max(1, args.iterations // 10)))
-    raw = work / "nnUNet_raw"
-    if not list(raw.glob(f"Dataset{DATASET_ID}_*")):
-        _run([BIN / "nnunet-pvs", "phantom", "-d", DATASET_ID, "--contrast", "T2w", "--size", "small",
-              "--subjects", args.subjects, "-o", raw], env, logs / "phantom.log")
-    dataset = next(raw.glob(f"Dataset{DATASET_ID}_*"))
-    if not (work / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans.json").exists():
-        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", 1], env, logs / "plan.log")
+    env, logs, dataset = small_t2w_study(work, DATASET_ID, args.subjects, args.epochs, args.iterations,
+                                         max(1, args.iterations // 10))
     seconds = {}
     for trainer in TRAINERS:
         for fold in args.folds:

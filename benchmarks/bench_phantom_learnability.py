@@ -53,9 +53,8 @@ def _plans_copy(pre: Path, batch_size: int) -> str:
 
 def main() -> int:
     from bench_phantom_difficulty import error_breakdown, network_vs_classical  # same folder
-    from bench_predict import BIN, _environment, _run
+    from bench_predict import BIN, _run, small_t2w_study
 
-    from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION
     from nnunet_pvs.dataset_conversion.staging import write_text_atomic
     from nnunet_pvs.evaluation.report import atomic_csv
 
@@ -71,23 +70,9 @@ def main() -> int:
     args = ap.parse_args()
 
     work = args.work_dir.resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = _environment(work)
-    env.update(NNUNET_PVS_EPOCHS=str(args.epochs), NNUNET_PVS_ITERATIONS=str(args.iterations),
-               NNUNET_PVS_VAL_ITERATIONS=str(max(1, args.iterations // 25)))
-    raw = work / "nnUNet_raw"
-    if not list(raw.glob(f"Dataset{DATASET_ID}_*")):
-        _run([BIN / "nnunet-pvs", "phantom", "-d", DATASET_ID, "--contrast", "T2w", "--size", "small",
-              "--subjects", args.subjects, "-o", raw], env, logs / "phantom.log")
-    dataset = next(raw.glob(f"Dataset{DATASET_ID}_*"))
-    made_by = json.loads((dataset / "dataset.json").read_text())["nnunet_pvs"]["phantom"]["generator_version"]
-    if made_by != GENERATOR_VERSION:
-        raise SystemExit(f"{dataset}: made by phantom generator version {made_by}, this is version "
-                         f"{GENERATOR_VERSION}; use another --work-dir or delete {work}")
+    env, logs, dataset = small_t2w_study(work, DATASET_ID, args.subjects, args.epochs, args.iterations,
+                                         max(1, args.iterations // 25))
     pre = work / "nnUNet_preprocessed" / dataset.name
-    if not (pre / "nnUNetPlans.json").exists():
-        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", 1], env, logs / "plan.log")
     plans = _plans_copy(pre, args.batch_size)
     trainer = "nnUNetTrainer_budget"
     fold_dir = work / "nnUNet_results" / dataset.name / f"{trainer}__{plans}__2d" / f"fold_{args.fold}"
@@ -115,7 +100,8 @@ def main() -> int:
         f"`python benchmarks/bench_phantom_learnability.py --subjects {args.subjects} --epochs {args.epochs} "
         f"--iterations {args.iterations} --batch-size {args.batch_size} --fold {args.fold}`, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores, generator version "
-        f"{made_by}, seed 0.", "",
+        f"{json.loads((dataset / 'dataset.json').read_text())['nnunet_pvs']['phantom']['generator_version']}, "
+        "seed 0.", "",
         f"T2w-like `--size small`, {args.subjects} subjects, nnU-Net's default 5-fold split, fold {args.fold}. "
         f"`{trainer}` (stock nnU-Net): {args.epochs} epochs x {args.iterations} iterations, batch "
         f"{args.batch_size} (plans `{plans}`), `-device cpu`, `nnUNet_compile=f`, one augmentation worker. "

@@ -65,6 +65,32 @@ def _run(args: list, env: dict, log: Path) -> float:
     return seconds
 
 
+def small_t2w_study(work: Path, dataset_id: int, subjects: int, epochs: int, iterations: int,
+                    val_iterations: int) -> tuple[dict, Path, Path]:
+    """(environment with the budget, log folder, raw dataset folder) of a T2w-like ``--size small``
+    phantom planned for 2d under ``work``; made with the stock commands unless already there, and
+    refused if an older generator made it."""
+    from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION
+
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = _environment(work)
+    env.update(NNUNET_PVS_EPOCHS=str(epochs), NNUNET_PVS_ITERATIONS=str(iterations),
+               NNUNET_PVS_VAL_ITERATIONS=str(val_iterations))
+    raw = work / "nnUNet_raw"
+    if not list(raw.glob(f"Dataset{dataset_id}_*")):
+        _run([BIN / "nnunet-pvs", "phantom", "-d", dataset_id, "--contrast", "T2w", "--size", "small",
+              "--subjects", subjects, "-o", raw], env, logs / "phantom.log")
+    dataset = next(raw.glob(f"Dataset{dataset_id}_*"))
+    made_by = json.loads((dataset / "dataset.json").read_text())["nnunet_pvs"]["phantom"]["generator_version"]
+    if made_by != GENERATOR_VERSION:
+        raise SystemExit(f"{dataset}: made by phantom generator version {made_by}, this is version "
+                         f"{GENERATOR_VERSION}; use another --work-dir or delete {work}")
+    if not (work / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans.json").exists():
+        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", 1], env, logs / "plan.log")
+    return env, logs, dataset
+
+
 def _environment(work: Path) -> dict:
     from nnunet_pvs.plugin_env import ext_trainer_value
 
