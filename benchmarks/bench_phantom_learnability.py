@@ -14,7 +14,7 @@ reuses the stock preprocessed data.
 
     python benchmarks/bench_phantom_learnability.py [--epochs 16] [--iterations 50] [--batch-size 6]
 
-Writes ``benchmarks/results/phantom_learnability.md`` and ``.csv``.
+Writes ``benchmarks/results/phantom_learnability.md``, ``.csv`` and ``_errors.csv`` (the error breakdown).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,6 +54,7 @@ def main() -> int:
     from bench_phantom_difficulty import error_breakdown, network_vs_classical  # same folder
     from bench_predict import BIN, _run, small_t2w_study
 
+    from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION  # small_t2w_study refuses any other
     from nnunet_pvs.dataset_conversion.staging import write_text_atomic
     from nnunet_pvs.evaluation.report import atomic_csv
 
@@ -100,8 +100,7 @@ def main() -> int:
         f"`python benchmarks/bench_phantom_learnability.py --subjects {args.subjects} --epochs {args.epochs} "
         f"--iterations {args.iterations} --batch-size {args.batch_size} --fold {args.fold}`, "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores, generator version "
-        f"{json.loads((dataset / 'dataset.json').read_text())['nnunet_pvs']['phantom']['generator_version']}, "
-        "seed 0.", "",
+        f"{GENERATOR_VERSION}, seed 0.", "",
         f"T2w-like `--size small`, {args.subjects} subjects, nnU-Net's default 5-fold split, fold {args.fold}. "
         f"`{trainer}` (stock nnU-Net): {args.epochs} epochs x {args.iterations} iterations, batch "
         f"{args.batch_size} (plans `{plans}`), `-device cpu`, `nnUNet_compile=f`, one augmentation worker. "
