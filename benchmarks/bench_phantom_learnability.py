@@ -58,7 +58,6 @@ def main() -> int:
 
     from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION  # small_t2w_study refuses any other
     from nnunet_pvs.dataset_conversion.staging import write_text_atomic
-    from nnunet_pvs.evaluation.report import atomic_csv
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=20)
@@ -93,7 +92,7 @@ def main() -> int:
     oracle = filters[filters["method"].str.contains("oracle")]
     best_oracle = oracle.loc[oracle["dice_wm_bg"].idxmax()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_csv(table, args.out.with_suffix(".csv"))
+    write_text_atomic(args.out.with_suffix(".csv"), table.to_csv(index=False, float_format="%.10g"))
     log = sorted(fold_dir.glob("training_log_*.txt"))
     pseudo = [f"{_first_number(line.split('Pseudo dice')[1]):.2f}"
               for line in log[-1].read_text().splitlines() if "Pseudo dice" in line] if log else []
@@ -116,7 +115,8 @@ def main() -> int:
               f"{net - best_oracle.dice_wm_bg:+.3f}. Target: at least +0.10.", ""]
     if pd.notna(best_user.get("threshold")):
         errors = error_breakdown(dataset, fold_dir / "validation", best_user["filter"], float(best_user["threshold"]))
-        atomic_csv(errors, args.out.with_name(args.out.name + "_errors.csv"))
+        write_text_atomic(args.out.with_name(args.out.name + "_errors.csv"),
+                          errors.to_csv(index=False, float_format="%.10g"))
         cols = [c for c in errors.columns if c not in ("measure", "kind")]
         lines += ["## Where the network wins", "",
                   f"Unlabelled voxels each method marks, by what the phantom put there (first match in this "

@@ -91,7 +91,6 @@ def main(argv=None) -> int:
     import torch
 
     from nnunet_pvs.dataset_conversion.staging import write_text_atomic
-    from nnunet_pvs.evaluation.report import atomic_csv
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -147,7 +146,7 @@ def main(argv=None) -> int:
               "step-time ratios to quote are `bench_mfns_de.py`'s (median of interleaved rounds).", ""]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"train_step_profile_{args.device}"
-    atomic_csv(table, stem.with_suffix(".csv"))
+    write_text_atomic(stem.with_suffix(".csv"), table.to_csv(index=False, float_format="%.10g"))
     plot(table, stem.with_suffix(".png"))
     write_text_atomic(stem.with_suffix(".md"), "\n".join(lines))
     print("\n".join(lines))

@@ -22,7 +22,7 @@ from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
 from nnunet_pvs.evaluation.output_dir import check_output_dir, staged_output
 from nnunet_pvs.evaluation.regions import load_regions
-from nnunet_pvs.evaluation.report import atomic_csv, atomic_write_text, markdown_table
+from nnunet_pvs.evaluation.report import markdown_table, write_csv
 from nnunet_pvs.evaluation.sweeps import parse_range
 
 COUNT_COLUMNS = ["case", "cohort", "region", "min_cluster_size", "n_clusters"]
@@ -246,9 +246,9 @@ def run(args) -> int:
                         g.loc[g["cohort"] == labels[1], "n_clusters"].to_numpy(), tuple(labels),
                         f"{region}, clusters > {s} voxels", stage / f"count_cdf_{region}_min{s}.png"))
         for name, df in outputs.items():
-            atomic_csv(df, stage / name)
+            write_csv(df, stage / name)
         if pngs:
             md += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs] + [""]
-        atomic_write_text(stage / "cohort_report.md", "\n".join(md))
+        (stage / "cohort_report.md").write_text("\n".join(md))
     print(f"cohort statistics in {args.output}")
     return 0

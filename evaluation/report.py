@@ -4,7 +4,6 @@ that replaces the output folder as a whole (``output_dir.staged_output``)."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,10 @@ TABLE_METRICS = ["dice", "sensitivity", "ppv", "cluster_tpr", "cluster_ppv", "cl
                  "n_ref_clusters", "n_pred_clusters"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.10g")
-    os.replace(tmp, path)
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    """One evaluation table as CSV (no index, 10 significant digits). Callers write into the staging
+    folder of ``staged_output``, which makes the whole output appear at once."""
+    df.to_csv(path, index=False, float_format="%.10g")
 
 
 def metric_columns(per_case: pd.DataFrame) -> list[str]:
@@ -160,18 +153,17 @@ def write_outputs(out_dir: Path, frames: dict, opts, missing: dict, plots: bool 
         if plots:
             from nnunet_pvs.evaluation import plots as pl
             pngs = pl.evaluation_plots(stage, frames, pooled, pairs, agreement, opts)
-        atomic_csv(pc, stage / "per_case.csv")
+        write_csv(pc, stage / "per_case.csv")
         if len(frames["thresholds"]):
-            atomic_csv(frames["thresholds"], stage / "thresholds.csv")
-        atomic_csv(frames["cluster_sizes"], stage / "cluster_sizes.csv")
+            write_csv(frames["thresholds"], stage / "thresholds.csv")
+        write_csv(frames["cluster_sizes"], stage / "cluster_sizes.csv")
         if len(pooled):
-            atomic_csv(pooled, stage / "cluster_sizes_pooled.csv")
+            write_csv(pooled, stage / "cluster_sizes_pooled.csv")
         if len(frames.get("size_groups", [])):
-            atomic_csv(frames["size_groups"], stage / "size_groups.csv")
-            atomic_csv(frames["size_groups_pooled"], stage / "size_groups_pooled.csv")
-        atomic_csv(pairs, stage / "cluster_pairs.csv")
-        atomic_csv(agreement, stage / "size_agreement.csv")
-        atomic_csv(summary, stage / "summary.csv")
-        atomic_csv(frames["inputs"], stage / "inputs.csv")
-        atomic_write_text(stage / "report.md", build_report(frames, summary, pooled, agreement, opts,
-                                                            missing, pngs))
+            write_csv(frames["size_groups"], stage / "size_groups.csv")
+            write_csv(frames["size_groups_pooled"], stage / "size_groups_pooled.csv")
+        write_csv(pairs, stage / "cluster_pairs.csv")
+        write_csv(agreement, stage / "size_agreement.csv")
+        write_csv(summary, stage / "summary.csv")
+        write_csv(frames["inputs"], stage / "inputs.csv")
+        (stage / "report.md").write_text(build_report(frames, summary, pooled, agreement, opts, missing, pngs))
