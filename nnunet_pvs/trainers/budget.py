@@ -11,7 +11,8 @@ The budget is stored with the run (``init_args["nnunet_pvs"]["budget"]`` of ever
 set, and a finished fold stays finished. A variable set on ``--c`` to a value other than the
 recorded one stops the run with a message, unless ``NNUNET_PVS_RESUME_BUDGET=environment`` asks to
 change the budget (logged). ``nnunet-pvs demo`` and the scripts of ``nnunet-pvs compare
---emit-slurm`` set the variables.
+--emit-slurm`` set the variables. The same trainers stop at a time cap or a plateau when
+``NNUNET_PVS_MAX_MINUTES`` / ``NNUNET_PVS_STOP_AT_PLATEAU`` are set (:mod:`nnunet_pvs.trainers.stopping`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nnunet_pvs.trainers.ae_unet import nnUNetTrainerAEUNet
 from nnunet_pvs.trainers.mfns_de import (nnUNetTrainerMfNSDe, nnUNetTrainerMfNSDe_lite,
                                          nnUNetTrainerMfNSDe_planDepth)
 from nnunet_pvs.trainers.provenance import PluginProvenanceMixin, peek_checkpoint_record, stop_training
+from nnunet_pvs.trainers.stopping import StoppingRulesMixin
 
 __all__ = ["nnUNetTrainer_budget", "nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget",
            "nnUNetTrainerMfNSDe_planDepth_budget", "nnUNetTrainerAEUNet_budget"]
@@ -71,8 +73,9 @@ def describe(budget: dict[str, int]) -> str:
             f"{budget['num_val_iterations_per_epoch']} validation iterations per epoch")
 
 
-class BudgetFromEnvironmentMixin(PluginProvenanceMixin):
-    """Budget from ``NNUNET_PVS_*`` at the start of a run, the recorded budget on ``--c`` (module doc)."""
+class BudgetFromEnvironmentMixin(StoppingRulesMixin, PluginProvenanceMixin):
+    """Budget from ``NNUNET_PVS_*`` at the start of a run, the recorded budget on ``--c`` (module doc);
+    with a time cap and stop-at-plateau when asked (:mod:`nnunet_pvs.trainers.stopping`)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
