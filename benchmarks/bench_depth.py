@@ -29,7 +29,7 @@ TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nn
 def main() -> int:
     from bench_predict import BIN, _run, small_t2w_study  # same folder
 
-    from nnunet_pvs.dataset_conversion.staging import replace_folder, staging_name
+    from nnunet_pvs.staging import replace_folder, staging_name
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=20)

@@ -5,7 +5,7 @@ The plan is made by nnU-Net's own planner from a PVS-like fingerprint (320 x 320
 and kernels a user would get (stock: PlainConvUNet, 7 stages). One train step = forward +
 deep-supervision loss + backward + optimiser step, with each trainer's own loss and optimiser,
 batch 4. Step times are interleaved in one process (A B C D A B C D ...); peak memory is measured
-with each model in its own process. Extra rows: the default network's plain reference path (what
+with each model in its own fresh process, around its first step (see ``bench_memory.py``). Extra rows: the default network's plain reference path (what
 the lean nodes replace) and, where the CPU supports it, bf16 autocast. ``--compile`` also checks
 torch.compile (inductor).
 
@@ -117,12 +117,15 @@ def _rss_kib(field: str) -> int:
 
 
 def _peak_memory(name, variant, plans, dataset_json, device, batch_size, q) -> None:
-    """Child process (its own high-water mark): memory of one train step above the pre-step RSS."""
+    """Child process (its own high-water mark): memory of its FIRST train step above the pre-step RSS.
+
+    Not a second step: the first one grows the allocator's heap, which glibc keeps, so a mark taken
+    above a warmed-up step hides most of what a step needs (that is how an earlier run reported
+    MfNS_De at 0.47x stock; ``bench_memory.py`` measures it two ways: 2.6x by saved bytes)."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     *_, step, _info = _setup(name, plans, dataset_json, device, batch_size, variant)
-    step()  # optimiser state exists from here on, as in training
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -179,7 +182,7 @@ def main() -> int:
 
     import torch
 
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -237,8 +240,8 @@ def main() -> int:
         f"0.69 mm: patch {info[base]['patch']}, {info[base]['n_stages']} stages. One train step = forward + each "
         f"trainer's deep-supervision loss + backward + its optimiser step, batch {bs}, random data. Step time: "
         f"median of {args.rounds} rounds, all models interleaved in one process after a warm-up step. Peak "
-        "memory: each model in its own process, resident-set high-water mark of one step above the RSS before it "
-        "(CPU) or CUDA peak allocated. FLOPs: torch FlopCounterMode, forward + backward, conv and matmul, "
+        "memory: each model in its own fresh process, resident-set high-water mark of its first step above the RSS "
+        "before it (CPU) or CUDA peak allocated; `bench_memory.py` cross-checks it by the bytes autograd saves. FLOPs: torch FlopCounterMode, forward + backward, conv and matmul, "
         "multiply-add = 2 (element-wise work is not counted).", "",
         "| trainer | levels | params (M) | GFLOPs fwd+bwd | x stock | step (s) | x stock | peak memory (MiB) | x stock |",
         "|---|---|---|---|---|---|---|---|---|",

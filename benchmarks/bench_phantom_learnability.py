@@ -42,7 +42,7 @@ def _first_number(text: str) -> float:
 
 def _plans_copy(pre: Path, batch_size: int) -> str:
     """A copy of the stock plans with only the 2d batch size changed; returns its identifier."""
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     name = f"nnUNetPlans_bs{batch_size}"
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
@@ -57,7 +57,7 @@ def main() -> int:
     from bench_predict import BIN, _run, small_t2w_study
 
     from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION  # small_t2w_study refuses any other
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=20)

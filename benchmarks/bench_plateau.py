@@ -143,7 +143,7 @@ def digest(folder: Path) -> str:
 def prepare(work: Path, env: dict, contrast: str, subjects: int, logs: Path) -> Path:
     """Phantom (checked against the recorded digest), plans and preprocessing, AE init for T1w."""
     from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     dataset_id, config = DATASETS[contrast]
     raw = work / "nnUNet_raw"
@@ -320,7 +320,7 @@ def record_model(work: Path, model: Model, args) -> None:
 
 
 def _upsert(path: Path, new: pd.DataFrame, keys: list[str]) -> None:
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -409,8 +409,8 @@ def compare(work: Path, env: dict, contrast: str, logs: Path) -> None:
          "-o", out], env, logs / f"compare_{contrast}.log")
 
 
-#: the classical model of ``nnunet-pvs compare`` (its suite of filters when it has one)
-CLASSICAL_SPEC = ["frangi"]
+#: the classical model of ``nnunet-pvs compare``: Frangi, Sato and top-hat, tuned on the training subjects
+CLASSICAL_SPEC = ["classical"]
 
 
 # -------------------------------------------------------------------------------------------------- report

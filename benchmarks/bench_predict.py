@@ -150,7 +150,7 @@ def predict_seconds(env: dict, model: tuple, out: Path, tta: bool, log: Path) ->
 
 
 def main() -> int:
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=1, help="test subjects predicted per call (default 1)")

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from nnunet_pvs.dataset_conversion.staging import write_text_atomic
+    from nnunet_pvs.staging import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -26,13 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-value", type=float,
                    help="mask value that means PVS (default: masks must hold only 0 and 1)")
     p.add_argument("--allow-empty-labels", action="store_true",
-                   help="accept a dataset whose masks are all empty (refused by default: usually a wrong "
-                        "--label-value)")
+                   help="accept masks that are all empty, or that --label-value would empty (refused by "
+                        "default: usually a wrong --label-value)")
     p.add_argument("--affine-tol", type=float, default=1e-3,
                    help="largest allowed difference between image/mask affines (default 1e-3)")
     p.add_argument("--mask-pattern", default="*_label-PVS*_mask.nii*", help="BIDS: mask file pattern in derivatives")
     p.add_argument("--regions-pattern", default="*_dseg.nii*", help="BIDS: label map pattern in derivatives")
-    p.add_argument("--force", action="store_true", help="replace a different dataset with the same id")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different dataset with the same id written by `nnunet-pvs convert` "
+                        "(another command's dataset, or one made by hand, is never replaced)")
     p.add_argument("--check", action="store_true", help="validate only, write nothing")
 
 

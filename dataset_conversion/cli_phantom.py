@@ -25,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlabeled", type=int, default=0, help="unlabelled subjects -> imagesUnlabeled/")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("-o", "--raw", type=Path, help="nnU-Net raw folder (default $nnUNet_raw)")
-    p.add_argument("--force", action="store_true", help="replace a different dataset with the same id")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different phantom dataset with the same id (another command's dataset, "
+                        "or one made by hand, is never replaced)")
     p.add_argument("--preview", nargs="?", const=True, default=False, metavar="PNG",
                    help="also write a PNG of axial slices with the mask overlay (default <dataset>/preview.png)")
 

@@ -3,13 +3,13 @@
 Output files ``CASE_bg.nii.gz``, ``CASE_wm.nii.gz`` (+ ``CASE_bgslice``, ``CASE_csoslice``) are what
 ``nnunet-pvs evaluate --regions`` reads; ``slices.csv`` lists the chosen slice indices. Every label
 map is checked first (readable, 3D, integer, aseg numbering, on its image's grid); the output
-folder is built beside the target and swapped in whole.
+folder is staged and swapped in whole, and only a folder `regions` wrote is replaced
+(:mod:`nnunet_pvs.staging`).
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -19,11 +19,10 @@ import pandas as pd
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.dataset_conversion.convert import FOLDERS, find_dataset, raw_root
 from nnunet_pvs.dataset_conversion.regions import not_aseg_reason, region_masks
-from nnunet_pvs.dataset_conversion.staging import (check_writable_target, clean_leftovers, replace_folder,
-                                                   sigterm_raises, staging_name)
+from nnunet_pvs.staging import check_output_folder, earlier_layout, staged_folder
 from nnunet_pvs.dataset_conversion.validation import NIFTI_SUFFIXES, Problems, grid_difference
 
-OWN_MARKER = "slices.csv"
+OWN_MARKER = "slices.csv"  # before the ownership marker (nnunet_pvs.staging), this marked our folders
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,12 +54,14 @@ def _inputs(args) -> tuple[dict[str, Path], Path, list[Path] | None]:
             raise UserError("-o/--output is required with -i")
         out = args.output
         if args.images is not None and not args.images.is_dir():
-            raise UserError(f"{args.images}: --images folder does not exist")
+            raise UserError(f"{args.images}: --images is a file, not a folder; give the folder holding the images"
+                            if args.images.exists() else f"{args.images}: --images folder does not exist")
         image_dirs = [args.images] if args.images is not None else None
         if folder.is_file():
             return {_case(folder): folder}, out, image_dirs
         if not folder.is_dir():
-            raise UserError(f"{folder}: does not exist")
+            raise UserError(f"{folder}: -i is neither a label map nor a folder"
+                            if folder.exists() else f"{folder}: does not exist")
     files = {_case(p): p for p in sorted(folder.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
     if not files:
         raise UserError(f"{folder}: no NIfTI label maps")
@@ -83,18 +84,48 @@ def _image_of(case: str, image_dirs: list[Path]) -> Path | None:
     return None
 
 
+# a regions output of a version before the ownership marker: its slices.csv, as written then
+is_legacy_output = earlier_layout(OWN_MARKER, "case_id,bg_voxels,wm_voxels,axis,")
+
+
 def _check_output(out: Path) -> None:
     """Before any label map is read: the output must be a folder we may create or replace."""
-    check_writable_target(out, "output folder", want_dir=True)
-    if out.is_dir() and any(out.iterdir()) and not (out / OWN_MARKER).is_file():
-        raise UserError(f"{out}: exists and was not written by 'nnunet-pvs regions'; choose another -o")
+    check_output_folder(out, "regions", legacy=is_legacy_output)
 
 
-def _check_label_maps(files: dict[str, Path], image_dirs: list[Path] | None, tol: float) -> None:
+def stored_voxel_size_problem(path: Path) -> str | None:
+    """Why the label map's voxel size in mm is unknown, or None: a voxel size of 0 in the header
+    (pixdim) with no sform. nibabel then quietly takes 1 mm, and the CSO slice, 10 mm above the
+    ventricles, would be placed on invented voxels; so the stored header is read, unrepaired."""
+    from nibabel.openers import ImageOpener
+
+    for header_class in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with ImageOpener(str(path)) as f:
+                hdr = header_class.from_fileobj(f, check=False)
+        except Exception:  # not this header type, or unreadable: nib.load reports that later
+            continue
+        sizes = [float(v) for v in hdr["pixdim"][1:4]]
+        if int(hdr["sform_code"]) == 0 and any(v == 0 for v in sizes):
+            return (f"voxel size {' x '.join(f'{v:g}' for v in sizes)} mm in the header and no sform, so "
+                    "the size of a voxel is unknown (nibabel would take 1 mm) and the CSO slice, 10 mm above "
+                    "the ventricles, cannot be placed; fix the header (e.g. copy its image's geometry) or "
+                    "run without --slices")
+        return None
+    return None
+
+
+def _check_label_maps(files: dict[str, Path], image_dirs: list[Path] | None, tol: float,
+                      slices: bool = False) -> None:
     """All problems of all label maps in one error: unreadable, not 3D, not integer, not aseg
-    numbering, or on another grid than the case's image."""
+    numbering, on another grid than the case's image, or (for ``slices``, which measure in mm)
+    without a voxel size."""
     problems = Problems()
     for case, path in files.items():
+        why = stored_voxel_size_problem(path) if slices else None
+        if why:
+            problems.add(case, path, why)
+            continue
         try:
             img = nib.load(str(path))
             data = np.asanyarray(img.dataobj)
@@ -128,30 +159,21 @@ def run(args) -> int:
 
     files, out, image_dirs = _inputs(args)
     _check_output(out)
-    clean_leftovers(out.parent, out.name)
-    _check_label_maps(files, image_dirs, args.affine_tol)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(out)
+    _check_label_maps(files, image_dirs, args.affine_tol, slices=args.slices)
     rows = []
-    with sigterm_raises():
-        try:
-            tmp.mkdir()
-            for case, path in tqdm(files.items(), desc="regions", unit="case", leave=False):
-                img = nib.load(str(path))
-                res = region_masks(np.asanyarray(img.dataobj), img.affine, slices=args.slices)
-                for name, m in res.masks.items():
-                    nib.save(nib.Nifti1Image(m.astype(np.uint8), img.affine), str(tmp / f"{case}_{name}.nii.gz"))
-                rows.append({"case_id": case, "bg_voxels": int(res.masks["bg"].sum()),
-                             "wm_voxels": int(res.masks["wm"].sum()), "axis": res.axis,
-                             "bg_slice": res.bg_slice, "cso_slice": res.cso_slice, "notes": "; ".join(res.notes)})
-            table = pd.DataFrame(rows)
-            for c in ("bg_slice", "cso_slice"):
-                table[c] = table[c].astype("Int64")
-            table.to_csv(tmp / OWN_MARKER, index=False)  # written last: marks the folder as ours and complete
-            replace_folder(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_folder(out, "regions", legacy=is_legacy_output) as tmp:
+        for case, path in tqdm(files.items(), desc="regions", unit="case", leave=False):
+            img = nib.load(str(path))
+            res = region_masks(np.asanyarray(img.dataobj), img.affine, slices=args.slices)
+            for name, m in res.masks.items():
+                nib.save(nib.Nifti1Image(m.astype(np.uint8), img.affine), str(tmp / f"{case}_{name}.nii.gz"))
+            rows.append({"case_id": case, "bg_voxels": int(res.masks["bg"].sum()),
+                         "wm_voxels": int(res.masks["wm"].sum()), "axis": res.axis,
+                         "bg_slice": res.bg_slice, "cso_slice": res.cso_slice, "notes": "; ".join(res.notes)})
+        table = pd.DataFrame(rows)
+        for c in ("bg_slice", "cso_slice"):
+            table[c] = table[c].astype("Int64")
+        table.to_csv(tmp / OWN_MARKER, index=False)
     cols = ["case_id", "bg_voxels", "wm_voxels"] + (["bg_slice", "cso_slice"] if args.slices else [])
     print(table[cols].to_string(index=False))
     for r in rows:

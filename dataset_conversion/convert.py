@@ -9,6 +9,7 @@ Layout of ``$nnUNet_raw/Dataset<ID>_Name/``::
     covariates.csv                  case_id, split, pvs_voxels, user covariates (age, sex, ...)
     dataset.json                    nnU-Net's, plus an "nnunet_pvs" entry naming the extras
     conversion.json                 content fingerprint of the inputs (idempotent re-runs)
+    .nnunet-pvs.json                which command wrote it (convert or phantom; nnunet_pvs.staging)
 
 Covariates and region maps stay beside the images, never as nnU-Net channels. Images are copied
 byte for byte (``.nii.gz``) or re-encoded (``.nii``), never resampled: the 0.69 x 0.69 x 2 mm T2
@@ -29,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
-from nnunet_pvs.dataset_conversion.staging import (check_writable_target, clean_leftovers, sigterm_raises,
-                                                   staging_name)
+from nnunet_pvs.staging import (check_owner, check_writable_target, clean_leftovers, replace_folder, sigterm_raises,
+                                staging_name, write_marker)
 from nnunet_pvs.dataset_conversion.validation import Subject, binarize, validate
 
 FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs"),
@@ -46,6 +47,27 @@ def raw_root(explicit: Path | None) -> Path:
     if not value:
         raise UserError("nnUNet_raw is not set: export it or pass --raw/-o")
     return Path(value)
+
+
+def earlier_dataset(command: str):
+    """Recogniser of a dataset ``command`` wrote before the ownership marker: a phantom's dataset.json
+    names its phantom parameters; a converted one has the fingerprint file but no phantom block."""
+    def recognise(folder: Path) -> bool:
+        try:
+            block = json.loads((folder / "dataset.json").read_text()).get("nnunet_pvs") or {}
+            phantom = isinstance(block, dict) and "phantom" in block
+        except (OSError, ValueError, AttributeError):
+            phantom = False
+        return phantom if command == "phantom" else (not phantom and _fingerprint(folder) is not None)
+
+    return recognise
+
+
+def check_datasets_owned(folders: list[Path], command: str) -> None:
+    """Datasets of this id that ``command`` may replace (with --force): only its own; another
+    command's or one made by hand is refused even then."""
+    for folder in folders:
+        check_owner(folder, command, legacy=earlier_dataset(command), option="-d")
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
@@ -88,11 +110,12 @@ def _write_mask(mask_path: Path, image_path: Path, label_value, dst: Path) -> No
 def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name: str, channels: list[str],
                   label_value: float | None = None, affine_tol: float = 1e-3, force: bool = False,
                   description: str = "", extra_json: dict | None = None, progress: bool = True,
-                  log=print, allow_empty_labels: bool = False) -> tuple[Path, bool]:
+                  log=print, allow_empty_labels: bool = False, command: str = "convert") -> tuple[Path, bool]:
     """Validate, then write ``Dataset<ID>_name``; return (folder, whether anything was written).
 
     Same inputs as an existing, complete dataset of that id and name: nothing is done. A different
-    dataset with the same id: :class:`UserError` unless ``force``, which replaces it atomically.
+    dataset with the same id: :class:`UserError` unless ``force``, which replaces it atomically,
+    and only if ``command`` wrote it (``nnunet-pvs convert``, or ``phantom`` calling this).
     Leftovers of a killed earlier run for this id are cleaned first.
     """
     raw = Path(raw_dir)
@@ -105,7 +128,8 @@ def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name:
                     may_restore=lambda original: not existing_datasets(raw, dataset_id))
     final = raw / folder_name
     others = existing_datasets(raw, dataset_id)
-    if others and others != [final] and not force:  # refused before the (slow) validation
+    check_datasets_owned(others, command)  # before the (slow) validation, as is the next check
+    if others and others != [final] and not force:
         raise UserError(f"{others[0]}: a different dataset with id {int(dataset_id):03d} exists; "
                         "pass --force to replace it")
     checked = validate(subjects, channels, label_value, affine_tol, progress=progress,
@@ -129,7 +153,6 @@ def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name:
                             "pass --force to replace it")
     raw.mkdir(parents=True, exist_ok=True)
     tmp = staging_name(final)
-    aside: list[Path] = []
     with sigterm_raises():
         try:
             _write_all(tmp, subjects, channels, label_value, checked, description, extra_json, progress)
@@ -138,19 +161,11 @@ def write_dataset(subjects: list[Subject], raw_dir: Path, dataset_id: int, name:
             (tmp / FINGERPRINT_JSON).write_text(json.dumps(
                 {"fingerprint": checked.fingerprint, "channels": channels, "label_value": label_value,
                  "files": files}, indent=2))
-            for o in others:
-                aside.append(staging_name(o, "old"))
-                os.replace(o, aside[-1])
-            os.replace(tmp, final)
+            write_marker(tmp, command)
+            replace_folder(tmp, final, others=others)  # what it replaces comes back if this fails
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not final.exists():  # put back what was renamed aside
-                for o, a in zip(others, aside):
-                    if a.exists() and not o.exists():
-                        os.replace(a, o)
             raise
-        for a in aside:
-            shutil.rmtree(a, ignore_errors=True)
     log(f"{final}: wrote {n_train} training, {sum(s.resolved_split == 'test' for s in subjects)} test, "
         f"{sum(s.resolved_split == 'unlabeled' for s in subjects)} unlabeled case(s)")
     return final, True

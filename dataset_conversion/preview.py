@@ -6,11 +6,12 @@ People judge a dataset by looking at it; the slice shown per case is the one wit
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from nnunet_pvs.staging import write_file_atomic
 
 
 # aseg label pairs (left, right) -> one colour per structure, both hemispheres alike
@@ -68,8 +69,6 @@ def write_preview(dataset_dir: Path, out_png: Path | None = None, n_cases: int =
             ax.set_facecolor("black")
     fig.suptitle(f"{dataset_dir.name}: axial slices with most PVS (R to the right, A up)", fontsize=10)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
+    write_file_atomic(out_png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png

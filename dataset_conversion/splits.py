@@ -15,7 +15,6 @@ range. Deterministic by seed.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
-from nnunet_pvs.dataset_conversion.staging import check_writable_target, clean_leftovers, sigterm_raises, staging_name
+from nnunet_pvs.staging import check_writable_target, clean_leftovers, sigterm_raises, write_texts_atomic
 from nnunet_pvs.dataset_conversion.tables import read_table
 
 PVS_LOAD_COLUMN = "pvs_voxels"
@@ -113,8 +112,16 @@ def load_covariate(dataset_dir: Path, by: str, log=None) -> dict[str, object]:
     if by != "pvs_load":
         where = cov_path if table is not None else f"{dataset_dir} (no covariates.csv)"
         raise UserError(f"{where}: no covariate column {column!r}")
-    return {c: float((np.asanyarray(nib.load(str(dataset_dir / 'labelsTr' / f'{c}.nii.gz')).dataobj) > 0).sum())
-            for c in cases}
+    return {c: _pvs_voxels(dataset_dir / "labelsTr" / f"{c}.nii.gz") for c in cases}
+
+
+def _pvs_voxels(label: Path) -> float:
+    """PVS load of one training label: its voxels above 0; an unreadable file is named, not a traceback."""
+    try:
+        return float((np.asanyarray(nib.load(str(label)).dataobj) > 0).sum())
+    except Exception as e:  # nibabel and zlib raise many types for broken files
+        raise UserError(f"{label}: cannot be read as NIfTI to count its PVS voxels for --by pvs_load "
+                        f"({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
@@ -165,12 +172,15 @@ def write_splits(raw_dataset: Path, preprocessed_root: Path, by: str = "pvs_load
     values = load_covariate(raw_dataset, by, log=log)
     groups = stratified_groups(values, n_folds, seed)
     splits, tests = make_folds(groups, protocol, seed)
-    if target.is_file():
+    if target.is_file() and not force:
         try:
             same = json.loads(target.read_text()) == splits
-        except (ValueError, UnicodeDecodeError):
-            same = False
-        if not same and not force:
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise UserError(f"{target}: exists but is not valid JSON ({e}), so nnU-Net cannot read it either; "
+                            "pass --force to replace it, or remove it") from None
+        except OSError as e:
+            raise UserError(f"{target}: cannot be read ({e.strerror}); pass --force to replace it") from None
+        if not same:
             raise UserError(f"{target}: exists with different folds; pass --force to replace it "
                             "(models already trained on it would no longer match)")
     files = {target: json.dumps(splits, indent=2)}
@@ -182,16 +192,8 @@ def write_splits(raw_dataset: Path, preprocessed_root: Path, by: str = "pvs_load
             files[out_dir / f"test_fold{k}.txt"] = "".join(f"{c}\n" for c in t)
     obsolete = [p for p in [test_json, *out_dir.glob("test_fold*.txt")] if p not in files and p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = {path: staging_name(path) for path in files}
     with sigterm_raises():
-        try:
-            for path, text in files.items():
-                staged[path].write_text(text)
-            for path in files:
-                os.replace(staged[path], path)
-        finally:
-            for tmp in staged.values():
-                tmp.unlink(missing_ok=True)
+        write_texts_atomic(files)
         for p in obsolete:
             p.unlink()
     table = fold_table(splits, tests, values)

@@ -135,7 +135,9 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
     """Check every subject; raise :class:`UserError` listing all problems, else return :class:`Checked`.
 
     Training masks that are all empty are an error unless ``allow_empty_labels``: nnU-Net would train on
-    them without complaint, and the usual cause is a wrong ``--label-value``.
+    them without complaint, and the usual cause is a wrong ``--label-value``. So is a mask that holds
+    labelled voxels but none of ``label_value`` (some masks coded 1, others 255): written empty it
+    would teach "no PVS here", so it is an error too, naming each such mask.
     """
     problems = Problems()
     warnings: list[str] = []
@@ -166,6 +168,7 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
     pvs_voxels: dict[str, int] = {}
     mask_values: set[float] = set()
     empty: list[str] = []
+    lacking: list[str] = []  # non-empty masks without a voxel of --label-value: they would be written empty
     it = subjects
     if progress:
         from tqdm import tqdm
@@ -201,6 +204,8 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
                 pvs_voxels[s.id] = int(m.sum())
                 if pvs_voxels[s.id] == 0:
                     empty.append(f"{s.id}: {path}: empty mask (no PVS voxel)")
+                    if label_value is not None and data.any():  # labelled, but not with the chosen value
+                        lacking.append(f"{s.id} ({path}: values {', '.join(f'{v:g}' for v in np.unique(data)[:5])})")
                 _hash(digest, m, loaded[1])
             else:
                 if np.issubdtype(data.dtype, np.floating) and not np.allclose(data, np.round(data)):
@@ -219,6 +224,11 @@ def validate(subjects: list[Subject], channels: list[str], label_value: float | 
                             f"{values}; first: {empty[0].rsplit(': ', 1)[0]}); "
                             "check --label-value and the mask files, or pass --allow-empty-labels if "
                             "empty labels are really meant. Nothing was written")
+        if lacking and not allow_empty_labels:
+            raise UserError(f"{len(lacking)} of {len(pvs_voxels)} mask(s) have labelled voxels but none of "
+                            f"{rule}, so they would be written empty: {'; '.join(lacking[:10])}"
+                            f"{' ...' if len(lacking) > 10 else ''}; check those masks and --label-value, or "
+                            "pass --allow-empty-labels to write them empty. Nothing was written")
         warnings.append(f"{len(empty)} of {len(pvs_voxels)} mask(s) are empty with {rule} (mask values "
                         f"found: {values}): {', '.join(e.split(':')[0] for e in empty)}")
         warnings.extend(empty)

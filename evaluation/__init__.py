@@ -6,7 +6,7 @@ many-to-many IoU, one-to-one maximum matching; size filtering, size agreement), 
 rules), surface_distance (HD95, Hausdorff, voxel-count surface Dice, per-cluster HD95),
 surface_dice (area-weighted surface Dice of Nikolov et al.), cluster_regions (one region per
 cluster), case (all metrics of one case over thresholds and regions), io, regions, sweeps,
-cohort_stats, report, output_dir (output folders replaced as a whole), plots, cli_evaluate
+cohort_stats, report (outputs staged by nnunet_pvs.staging), plots, cli_evaluate
 (`nnunet-pvs evaluate`), cli_cohort (`nnunet-pvs evaluate-cohort`).
 User documentation: docs/evaluation.md.
 """

@@ -17,14 +17,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from nnunet_pvs.dataset_conversion.tables import read_table
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
-from nnunet_pvs.evaluation.output_dir import check_output_dir, staged_output
 from nnunet_pvs.evaluation.regions import load_regions
 from nnunet_pvs.evaluation.report import markdown_table, write_csv
 from nnunet_pvs.evaluation.sweeps import parse_range
+from nnunet_pvs.staging import check_output_folder, earlier_layout, staged_folder
 
+COMMAND = "evaluate-cohort"
+# a cohort output of a version before the ownership marker (nnunet_pvs.staging.MARKER)
+EARLIER_OUTPUT = earlier_layout("cohort_report.md", "# PVS cohort statistics")
 COUNT_COLUMNS = ["case", "cohort", "region", "min_cluster_size", "n_clusters"]
 
 
@@ -52,14 +56,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default 1)")
 
 
+def _read_csv(path: Path, what: str, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A user's table (``--visual``, a counts CSV) read strictly, cells as text: the delimiter (``,``
+    ``;`` or tab) found from the header, a row with more or fewer cells than the header refused
+    naming its line (pandas would shift the columns or blame another row), every row with a case."""
+    return read_table(path, what, required=required, id_column="case", unique_ids=False)
+
+
 def _numeric(df: pd.DataFrame, col: str, source: Path, what: str) -> None:
-    """Column ``col`` as numbers in place; a text or empty cell is a user error naming it."""
+    """Column ``col`` as numbers in place; a text or empty cell is a user error naming its line."""
     vals = pd.to_numeric(df[col], errors="coerce")
     bad = vals.isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise UserError(f"{source}: {what} column {col!r} has a non-numeric or empty value "
-                        f"{df[col].iloc[i]!r} (row {i + 2}, case {df['case'].iloc[i]})")
+        cell = df[col].iloc[i]
+        shown = "an empty cell" if pd.isna(cell) else f"the non-numeric value '{cell}'"
+        lines = df.attrs.get("lines")
+        where = f"line {lines[i]}" if lines else f"row {i + 1}"
+        raise UserError(f"{source}: {what} column {col!r} has {shown} ({where}, case {df['case'].iloc[i]}); "
+                        "numbers expected")
     df[col] = vals
 
 
@@ -93,18 +108,10 @@ def _count_one(job) -> list[dict]:
 def _counts(source: Path, region_dir, cohort: str, args, sizes) -> pd.DataFrame:
     """Counts of one cohort from a prediction folder or a counts CSV."""
     if source.is_file() and source.suffix == ".csv":
-        try:
-            df = pd.read_csv(source, dtype={"case": str})
-        except Exception as e:
-            raise UserError(f"{source}: cannot read counts CSV: {e}") from None
-        need = {"case", "region", "min_cluster_size", "n_clusters"}
-        if not need <= set(df.columns):
-            raise UserError(f"{source}: counts CSV lacks columns {sorted(need - set(df.columns))}")
+        df = _read_csv(source, "counts CSV", ("region", "min_cluster_size", "n_clusters"))
         if "cohort" in df.columns and df["cohort"].nunique() > 1:
             raise UserError(f"{source}: counts CSV holds several cohorts "
                             f"({', '.join(map(str, df['cohort'].unique()))}); give one cohort per file")
-        if df["case"].isna().any():
-            raise UserError(f"{source}: counts CSV has rows without a case id")
         for col in ("min_cluster_size", "n_clusters"):
             _numeric(df, col, source, "counts")
         df["region"] = df["region"].astype(str)
@@ -119,8 +126,12 @@ def _counts(source: Path, region_dir, cohort: str, args, sizes) -> pd.DataFrame:
         df["min_cluster_size"] = df["min_cluster_size"].astype(int)
         df["cohort"] = cohort
         return df[COUNT_COLUMNS]
-    if region_dir is not None and not region_dir.is_dir():
-        raise UserError(f"{region_dir}: region folder does not exist")
+    if source.is_file():
+        raise UserError(f"{source}: is a file, neither a prediction folder nor a counts .csv")
+    if region_dir is not None:
+        io.require_folder(region_dir, "--regions" if region_dir == args.regions else "--compare-regions",
+                          "the region maps")
+        io.refuse_twins([p for p in sorted(region_dir.iterdir()) if p.is_file()])
     preds = io.gather_predictions(source)
     jobs = [(c, f, region_dir, cohort, args.threshold, args.connectivity, sizes, set(preds))
             for c, f in sorted(preds.items())]
@@ -139,22 +150,15 @@ def _counts(source: Path, region_dir, cohort: str, args, sizes) -> pd.DataFrame:
 
 
 def _visual(args, counts: pd.DataFrame, cohort: str) -> tuple[pd.DataFrame, list[str], pd.DataFrame, pd.DataFrame]:
-    try:
-        vis = pd.read_csv(args.visual, dtype={"case": str})
-    except Exception as e:
-        raise UserError(f"{args.visual}: cannot read visual CSV: {e}") from None
     raters = [r for r in args.raters.split(",") if r]
     cols = raters + ([args.rating_column] if args.rating_column else [])
-    if "case" not in vis.columns or not cols:
-        raise UserError(f"{args.visual}: needs a 'case' column and --raters and/or --rating-column")
-    lacking = [c for c in cols if c not in vis.columns]
-    if lacking:
-        raise UserError(f"{args.visual}: no column(s) {', '.join(lacking)} (has {', '.join(vis.columns)})")
+    if not cols:
+        raise UserError(f"{args.visual}: name its visual-count columns with --raters and/or its rating "
+                        "column with --rating-column")
+    vis = _read_csv(args.visual, "visual CSV", tuple(cols))
     if "region" not in vis.columns:
         vis["region"] = args.count_region
     vis["region"] = vis["region"].astype(str)
-    if vis["case"].isna().any():
-        raise UserError(f"{args.visual}: rows without a case id")
     _no_duplicates(vis, ["case", "region"], args.visual)
     for c in cols:
         _numeric(vis, c, args.visual, "rater" if c in raters else "rating")
@@ -192,11 +196,12 @@ def run(args) -> int:
     if args.visual is None and args.compare is None:
         raise UserError("nothing to compare: give --visual and/or --compare")
     if args.visual is not None and not args.visual.is_file():
-        raise UserError(f"{args.visual}: visual CSV does not exist")
+        raise UserError(f"{args.visual}: --visual is a folder, not a CSV file" if args.visual.is_dir()
+                        else f"{args.visual}: visual CSV does not exist")
     for src in (args.pred, args.compare):
         if src is not None and not src.exists():
             raise UserError(f"{src}: does not exist (give a prediction folder or a counts.csv)")
-    check_output_dir(args.output, "evaluate-cohort", ("counts.csv", "cohort_report.md"))
+    check_output_folder(args.output, COMMAND, legacy=EARLIER_OUTPUT)
     counts = _counts(args.pred, args.regions, labels[0], args, sizes)
     if args.compare is not None:
         counts = pd.concat([counts, _counts(args.compare, args.compare_regions, labels[1], args, sizes)],
@@ -232,7 +237,7 @@ def run(args) -> int:
         outputs["ks.csv"] = ks
         md += [f"## Cluster counts, {labels[0]} vs {labels[1]} (two-sample Kolmogorov-Smirnov)", "",
                markdown_table(ks), ""]
-    with staged_output(args.output, "evaluate-cohort") as stage:
+    with staged_folder(args.output, COMMAND, legacy=EARLIER_OUTPUT) as stage:
         if not args.no_plots:
             from nnunet_pvs.evaluation import plots as pl
             if merged is not None and raters:

@@ -21,13 +21,11 @@ from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.case import REGION_MODES, Options, evaluate_case
 from nnunet_pvs.evaluation.clusters import MatchRule
 from nnunet_pvs.evaluation.lesion_metrics import SizeGroups
-from nnunet_pvs.evaluation.output_dir import check_output_dir
 from nnunet_pvs.evaluation.protocols import PROTOCOL_METRICS, parse_protocols
 from nnunet_pvs.evaluation.regions import load_regions
-from nnunet_pvs.evaluation.report import write_outputs
+from nnunet_pvs.evaluation.report import COMMAND, EARLIER_OUTPUT, write_outputs
 from nnunet_pvs.evaluation.sweeps import parse_range
-
-LEGACY_OUTPUT_FILES = ("per_case.csv", "report.md")
+from nnunet_pvs.staging import check_output_folder
 
 
 def _add(p: argparse.ArgumentParser, flag: str, **kw) -> None:
@@ -132,7 +130,8 @@ def truth_folder(ref_dir: Path, value: str) -> Path:
     if value != "auto":
         folder = Path(value)
         if not folder.is_dir():
-            raise UserError(f"--truth {folder}: folder does not exist")
+            raise UserError(f"--truth {folder}: is a file, not a folder" if folder.exists()
+                            else f"--truth {folder}: folder does not exist")
         return folder
     ds = Path(ref_dir).absolute().parent / "dataset.json"
     try:
@@ -188,15 +187,15 @@ def read_case_list(path: Path) -> set[str]:
 
 def run(args) -> int:
     opts = _options(args)
-    check_output_dir(args.output, "evaluate", LEGACY_OUTPUT_FILES)
-    if not args.ref.is_dir():
-        raise UserError(f"{args.ref}: reference folder does not exist")
+    check_output_folder(args.output, COMMAND, legacy=EARLIER_OUTPUT)
+    io.require_folder(args.ref, "--ref", "the reference labels")
     refs = io.list_niftis(args.ref)
     if not refs:
         raise UserError(f"{args.ref}: no reference NIfTI files (.nii.gz or .nii) found")
     preds = io.gather_predictions(args.pred)
-    if args.regions is not None and not args.regions.is_dir():
-        raise UserError(f"{args.regions}: region folder does not exist")
+    if args.regions is not None:
+        io.require_folder(args.regions, "--regions", "the region maps")
+        io.refuse_twins([p for p in sorted(args.regions.iterdir()) if p.is_file()])
     if args.cases is not None:
         wanted = read_case_list(args.cases)
         absent = sorted(wanted - set(refs))

@@ -4,7 +4,8 @@
   (Cai et al. 2024, Figure 6: counts on a basal-ganglia and a centrum-semiovale slice).
 - Proportional-odds (ordinal logistic) regression of a 4-level visual rating on the count, with
   McFadden and Nagelkerke pseudo-R^2 and a likelihood-ratio p (Boutinaud et al. 2021, Figs. 10-11
-  report a logistic regression's R^2 and p; the rating is ordinal, hence the ordinal model).
+  report a logistic regression's R^2 and p; the rating is ordinal, hence the ordinal model),
+  fitted by statsmodels' ``OrderedModel``.
 - Two-sample Kolmogorov-Smirnov test of two cohorts' count distributions, with and without small
   clusters (Boutinaud et al. 2021, Figure 12).
 """
@@ -12,10 +13,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
-from scipy import optimize, stats
-from scipy.special import expit, log_expit
+from scipy import stats
 
 from nnunet_pvs.evaluation.clusters import label, sizes
 
@@ -38,28 +39,19 @@ def spearman(x, y) -> dict:
     return {"spearman_r": float(res.statistic), "p": float(res.pvalue), "n": n}
 
 
-def _ordinal_nll(params, x, y, k):
-    beta, theta0, log_gaps = params[0], params[1], params[2:]
-    theta = np.concatenate([[theta0], theta0 + np.cumsum(np.exp(log_gaps))])
-    eta = theta[None, :] - beta * x[:, None]                # (n, k-1): logit P(Y <= j)
-    cdf = np.concatenate([np.zeros((len(x), 1)), expit(eta), np.ones((len(x), 1))], axis=1)
-    p = cdf[np.arange(len(x)), y + 1] - cdf[np.arange(len(x)), y]
-    # log P(Y = 0) and log P(Y = k-1) via log_expit for accuracy in the tails
-    lp = np.log(np.clip(p, 1e-300, None))
-    lo, hi = y == 0, y == k - 1
-    lp[lo] = log_expit(eta[lo, 0])
-    lp[hi] = log_expit(-eta[hi, -1])
-    return -lp.sum()
-
-
 def ordinal_logistic(x, y) -> dict:
-    """Proportional-odds model logit P(Y <= j) = theta_j - beta * x, fitted by maximum likelihood.
+    """Proportional-odds model logit P(Y <= j) = theta_j - beta * x, fitted by maximum likelihood
+    (statsmodels ``OrderedModel``, logit link, BFGS).
 
     ``y``: ordered ratings (any sortable values; the levels present are used in order). Returns
     beta (per unit of x), the cut-points, McFadden and Nagelkerke pseudo-R^2 and the
     likelihood-ratio test p against the thresholds-only model. With two levels this is ordinary
-    logistic regression of P(Y = upper) on x, with intercept ``-theta``.
+    logistic regression of P(Y = upper) on x, with intercept ``-theta``. The count is standardised
+    for the fit (counts run to hundreds; the optimiser converges better on unit scale) and beta and
+    the cut-points are transformed back.
     """
+    from statsmodels.miscmodels.ordinal_model import OrderedModel  # imported on use: about 1 s
+
     x = np.asarray(x, float)
     y_raw = np.asarray(y)
     ok = ~np.isnan(x) & ~np.isnan(y_raw.astype(float))
@@ -71,24 +63,18 @@ def ordinal_logistic(x, y) -> dict:
     if k < 2 or n < 3 or np.ptp(x) == 0:
         return nan
     mu, sd = x.mean(), x.std()
-    xs = (x - mu) / sd
-    freq = np.bincount(y, minlength=k) / n
-    cum = np.cumsum(freq)[:-1]
-    theta_null = np.log(cum / (1 - cum))
-    ll0 = float(np.sum(np.bincount(y, minlength=k) * np.log(freq)))
-    start = np.concatenate([[0.0, theta_null[0]], np.log(np.diff(theta_null))]) if k > 2 \
-        else np.array([0.0, theta_null[0]])
-    res = optimize.minimize(_ordinal_nll, start, args=(xs, y, k), method="BFGS",
-                            options={"gtol": 1e-8, "maxiter": 2000})
-    ll = -float(res.fun)
-    beta_s, theta0 = res.x[0], res.x[1]
-    theta_s = np.concatenate([[theta0], theta0 + np.cumsum(np.exp(res.x[2:]))])
-    beta = beta_s / sd
+    model = OrderedModel(y, ((x - mu) / sd)[:, None], distr="logit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence / separation warnings: the fit is still reported
+        res = model.fit(method="bfgs", maxiter=2000, gtol=1e-8, disp=False)
+    beta = float(res.params[0] / sd)
+    theta_s = model.transform_threshold_params(res.params)[1:-1]   # drop the -inf / inf ends
     theta = theta_s + beta * mu          # theta_s - beta_s * (x - mu)/sd = (theta_s + beta*mu) - beta*x
+    ll, ll0 = float(res.llf), float(res.llnull)
     lr = max(0.0, 2.0 * (ll - ll0))
     r2_cs = 1.0 - math.exp(-lr / n)
     r2_max = 1.0 - math.exp(2.0 * ll0 / n)
-    return {"beta": float(beta), "cutpoints": [float(t) for t in theta],
+    return {"beta": beta, "cutpoints": [float(t) for t in theta],
             "mcfadden_r2": 1.0 - ll / ll0 if ll0 < 0 else math.nan,
             "nagelkerke_r2": r2_cs / r2_max if r2_max > 0 else math.nan,
             "lr_stat": lr, "p": float(stats.chi2.sf(lr, 1)), "n": n,

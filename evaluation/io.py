@@ -10,7 +10,6 @@ nnunetv2/inference/export_prediction.py).
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from nnunet_pvs.errors import UserError
+from nnunet_pvs.safe_files import UnsafeFileError, load_properties
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -50,10 +50,36 @@ def case_id(path: Path) -> str | None:
     return None
 
 
+def require_folder(path: Path, option: str, holding: str) -> None:
+    """``path``, given to a folder option, must be a folder: a file is said to be one, not "missing"."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise UserError(f"{path}: {option} is a file, not a folder; give the folder holding {holding}")
+    raise UserError(f"{path}: {option} folder does not exist")
+
+
+def refuse_twins(files: list[Path]) -> None:
+    """``X.nii`` beside ``X.nii.gz``: two files for one case id, and which one is meant cannot be known
+    (a re-export, a half-finished gzip); refused, naming both, rather than one picked silently."""
+    by_id: dict[str, list[Path]] = {}
+    for p in files:
+        if p.name.endswith(NIFTI_SUFFIXES):
+            by_id.setdefault(case_id(p), []).append(p)
+    twins = {c: ps for c, ps in by_id.items() if len(ps) > 1}
+    if twins:
+        c, ps = next(iter(sorted(twins.items())))
+        more = f" (and {len(twins) - 1} more id(s) like it)" if len(twins) > 1 else ""
+        raise UserError(f"{c}: both {ps[0]} and {ps[1]} exist{more}; keep one file per case "
+                        "(remove or move the other)")
+
+
 def list_niftis(folder: Path) -> dict[str, Path]:
-    """id -> NIfTI path of every NIfTI directly inside ``folder``."""
-    return {case_id(p): p for p in sorted(Path(folder).iterdir())
-            if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)}
+    """id -> NIfTI path of every NIfTI directly inside ``folder`` (one file per id, see refuse_twins)."""
+    files = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name.endswith(NIFTI_SUFFIXES)]
+    refuse_twins(files)
+    return {case_id(p): p for p in files}
 
 
 def is_results_folder(folder: Path) -> bool:
@@ -65,6 +91,9 @@ def gather_predictions(pred_dir: Path) -> dict[str, PredFiles]:
     """id -> prediction files, from a folder of predictions or an nnU-Net results folder
     (``fold_*/validation`` gathered into one cross-validation set)."""
     pred_dir = Path(pred_dir)
+    if pred_dir.is_file():
+        raise UserError(f"{pred_dir}: is a file, not a prediction folder; give the folder holding the "
+                        "predictions (CASE.nii.gz and/or CASE.npz + CASE.pkl)")
     if not pred_dir.is_dir():
         raise UserError(f"{pred_dir}: prediction folder does not exist")
     if is_results_folder(pred_dir):
@@ -77,6 +106,7 @@ def gather_predictions(pred_dir: Path) -> dict[str, PredFiles]:
     seen_in: dict[str, Path] = {}
     for folder in folders:
         found: dict[str, dict] = {}
+        refuse_twins([p for p in sorted(folder.iterdir()) if p.is_file()])
         for p in sorted(folder.iterdir()):
             cid = case_id(p)
             if cid is None or not p.is_file():
@@ -157,14 +187,15 @@ def read_probabilities(npz: Path, case: str) -> Volume:
         raise UserError(f"{case}: {npz} probabilities outside [0, 1] (min {lo:g}, max {hi:g})")
     np.clip(fg, 0.0, 1.0, out=fg)
     try:
-        with open(pkl, "rb") as f:
-            props = pickle.load(f)
+        props = load_properties(pkl)
         st = props["sitk_stuff"]
         spacing = tuple(float(s) for s in st["spacing"])
         direction = np.asarray(st["direction"], float).reshape(3, 3)
         affine = np.eye(4)
         affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
         affine[:3, 3] = _LPS_TO_RAS @ np.asarray(st["origin"], float)
+    except UnsafeFileError:
+        raise
     except Exception as e:
         raise UserError(f"{case}: cannot read nnU-Net properties {pkl}: {e}") from None
     return Volume(fg, spacing, affine)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -14,10 +13,10 @@ import pandas as pd  # noqa: E402
 
 
 def save(fig, path: Path) -> str:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    """Written plainly: every caller writes into a staged folder (``nnunet_pvs.staging.staged_folder``)
+    that appears only when complete."""
+    fig.savefig(path, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path.name
 
 

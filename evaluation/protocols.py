@@ -3,17 +3,25 @@
 Read from the evaluators' released code (not re-used; cited for the definitions):
 
 - ``valdo``: VALDO 2021, task 1 (EPVS), WhereIsValdo/valdo-eval-2021,
-  ``evaluation_comparison/pairwise_measures.py`` (``assign_tp_fp``, ``f1_count_element``,
-  ``mean_dsc_whenoverlap``, ``absolute_difference``, ``absolute_vol_difference``). Each predicted
-  cluster is paired with the reference cluster it overlaps most (ties: the reference cluster met
-  first in a C-order scan, as ``np.unique`` over ``ndimage.label`` labels does); it is TP if
-  their IoU is strictly above 0.1 and, when several predicted clusters chose the same reference,
-  its IoU is the largest of them (equal largest IoUs are all TP); every other predicted cluster is
-  FP; FN = reference clusters - TP. F1 = 2TP / (2TP + FP + FN). Mean Dice over TP reference
-  clusters: the union of every predicted cluster that chose the reference (TP or not) against it.
-  Empty reference -> F1 and mean Dice undefined (NaN, also when the prediction is empty too);
-  empty prediction -> 0. Absolute count difference |n_ref - n_pred| and absolute volume
-  difference in mm3; on probability maps VALDO sums the probabilities >= the threshold.
+  ``evaluation_comparison/pairwise_measures.py`` (``PairwiseMeasures.assign_tp_fp``,
+  ``f1_count_element``, ``mean_dsc_whenoverlap``, ``absolute_difference``,
+  ``absolute_vol_difference``), as ``compare_segmentations.py`` runs them for ``-task epvs``.
+  Each predicted cluster chooses the reference cluster it overlaps most (ties: the reference
+  cluster met first in a C-order scan, as ``np.unique`` over ``ndimage.label`` labels does); it
+  is TP if their IoU is strictly above 0.1 and, when several predicted clusters chose the same
+  reference, its IoU is the largest of them (equal largest IoUs are all TP); every other
+  predicted cluster is FP. FN is what ``f1_count_element`` counts: reference clusters that *no*
+  predicted cluster chose. A reference chosen only at IoU <= 0.1, or only by losing pieces of a
+  split, is neither TP nor FN; a reference tied by two pieces gives two TP (TP counts predicted
+  clusters). So FN is not n_ref - TP. F1 = 2TP / (2TP + FP + FN). (VALDO's separate ``numb_fn``,
+  used only by its ``demographic`` tasks, subtracts the distinct ``ref`` entries of its table,
+  background 0 of non-overlapping predictions included, so it is one lower whenever a predicted
+  cluster overlaps nothing, and -1 on an empty reference; its F1 does not use it.) Mean Dice over
+  TP reference clusters: the union of every predicted cluster that chose the reference (TP or not)
+  against it. Empty reference -> F1 and mean Dice undefined (NaN, also when the prediction is
+  empty too); empty prediction -> 0. Absolute count difference |n_ref - n_pred| and absolute
+  volume difference in mm3; on probability maps VALDO sums the probabilities >= the threshold.
+  ``tests/test_protocols_valdo.py`` pins all of this against VALDO's code run on the same cases.
 - ``epvs``: EPVS challenge 2024, hzlab/EPVS_challenge, ``evaluate.py`` and
   ``evaluate_participant_test.py``: Dice = 2|R and P| / (|R| + |P|) (both empty: NaN),
   recall = reference clusters hit / reference clusters (0 if none), precision = reference clusters
@@ -67,9 +75,12 @@ def _ref_hits(m: ClusterMatch) -> int:
 
 def valdo(m: ClusterMatch, ref_first_index: np.ndarray, n_ref_voxels: int, pred_volume_vox: float,
           voxel_mm3: float) -> dict:
-    """VALDO 2021 EPVS rules (see module docstring). ``ref_first_index``: C-order flat index of the
-    first voxel of each reference cluster (ties in overlap go to the earliest); ``pred_volume_vox``:
-    predicted volume in voxels (the sum of probabilities >= threshold for probability maps)."""
+    """VALDO 2021 EPVS rules (see module docstring): the assignment of VALDO's
+    ``PairwiseMeasures.assign_tp_fp`` and the TP/FP/FN of its ``f1_count_element`` (FN: reference
+    clusters no predicted cluster chose), read and re-written here. ``ref_first_index``: C-order
+    flat index of the first voxel of each reference cluster (ties in overlap go to the earliest);
+    ``pred_volume_vox``: predicted volume in voxels (the sum of probabilities >= threshold for
+    probability maps)."""
     n_ref, n_pred = m.n_ref, m.n_pred
     out = {"valdo_abs_count_diff": abs(n_ref - n_pred),
            "valdo_abs_volume_diff_mm3": abs(float(pred_volume_vox) - float(n_ref_voxels)) * voxel_mm3}
@@ -87,7 +98,9 @@ def valdo(m: ClusterMatch, ref_first_index: np.ndarray, n_ref_voxels: int, pred_
     np.maximum.at(best, cr, iou)
     tp_mask = (iou > VALDO_IOU) & (iou == best[cr])
     tp = int(tp_mask.sum())
-    fp, fn = n_pred - tp, n_ref - tp
+    chosen = np.zeros(n_ref + 1, bool)
+    chosen[cr] = True
+    fp, fn = n_pred - tp, n_ref - int(chosen[1:].sum())   # FN: chosen by no predicted cluster
     tp_refs = np.unique(cr[tp_mask])
     inter_sum = np.bincount(cr, weights=ci, minlength=n_ref + 1)
     pred_sum = np.bincount(cr, weights=m.pred_sizes[cp], minlength=n_ref + 1)

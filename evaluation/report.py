@@ -1,5 +1,5 @@
 """Writing the evaluation outputs: CSVs, summary, Markdown report and plots, into a staging folder
-that replaces the output folder as a whole (``output_dir.staged_output``)."""
+that replaces the output folder as a whole (``nnunet_pvs.staging.staged_folder``)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nnunet_pvs.evaluation.output_dir import staged_output
+from nnunet_pvs.staging import earlier_layout, staged_folder
 from nnunet_pvs.evaluation.sweeps import pool_cluster_sizes, size_agreement
 
 KEY_COLUMNS = ("case", "region", "threshold")
 SUMMARY_COLUMNS = ["region", "metric", "mean", "std", "median", "q1", "q3", "min", "max", "n", "n_undefined"]
+
+COMMAND = "evaluate"
+# an evaluation output of a version before the ownership marker (nnunet_pvs.staging.MARKER)
+EARLIER_OUTPUT = earlier_layout("report.md", "# PVS evaluation")
 
 TABLE_METRICS = ["dice", "sensitivity", "ppv", "cluster_tpr", "cluster_ppv", "cluster_dice",
                  "ref_detection_rate", "hd95_mm", "cluster_hd95_mm", "surface_dice", "pq", "lesion_dice",
@@ -22,7 +26,7 @@ TABLE_METRICS = ["dice", "sensitivity", "ppv", "cluster_tpr", "cluster_ppv", "cl
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
     """One evaluation table as CSV (no index, 10 significant digits). Callers write into the staging
-    folder of ``staged_output``, which makes the whole output appear at once."""
+    folder of ``staged_folder``, which makes the whole output appear at once."""
     df.to_csv(path, index=False, float_format="%.10g")
 
 
@@ -148,7 +152,7 @@ def write_outputs(out_dir: Path, frames: dict, opts, missing: dict, plots: bool 
         pairs = pd.DataFrame(columns=["case", "region", "threshold", "pred_size_mm3", "ref_size_mm3"])
     agreement = size_agreement(pairs)
     frames["size_groups_pooled"] = pool_size_groups(frames.get("size_groups", pd.DataFrame()))
-    with staged_output(out_dir, "evaluate") as stage:
+    with staged_folder(out_dir, COMMAND, legacy=EARLIER_OUTPUT) as stage:
         pngs = []
         if plots:
             from nnunet_pvs.evaluation import plots as pl

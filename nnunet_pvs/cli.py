@@ -48,6 +48,17 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C, caught once for every command: each writer stages its output (nnunet_pvs.staging)
+        # and its clean-up has run by now, so one line and the shell's status for SIGINT (128 + 2)
+        name = f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else ""
+        print(("\n" if sys.stderr.isatty() else "") + f"nnunet-pvs{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     parser = _parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None

@@ -11,8 +11,9 @@ Stages (each prints the command it runs and logs its output under ``WORK/logs``)
 5. ``nnUNetv2_train`` of every model on the same folds with the same budget: MfNS_De (2d), stock
    nnU-Net (2d and 3d_fullres) on T2w; the autoencoder U-Net (with the pretrained encoder) and
    stock nnU-Net 3d_fullres on T1w;
-6. ``nnunet-pvs compare`` of the cross-validation predictions, one report per dataset, with Frangi
-   vesselness (tuned on each fold's training subjects) as the classical row;
+6. ``nnunet-pvs compare`` of the cross-validation predictions, one report per dataset, with the
+   classical suite (the best of Frangi, Sato and top-hat, with filter, scales and threshold tuned on
+   each fold's training subjects) as the classical row;
 7. ``nnUNetv2_predict`` of the T2w test subjects with MfNS_De and ``nnunet-pvs census`` of them:
    what a user does with new scans.
 
@@ -101,7 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", type=Path, default=Path("nnunet_pvs_demo"),
                    help="folder for data, nnU-Net folders, logs and reports (default ./nnunet_pvs_demo)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--tiny", action="store_true", help="CI scale: tiny crops, 2 folds, 1 epoch x 2 iterations")
+    mode.add_argument("--tiny", action="store_true",
+                      help="CI scale: tiny crops, 6 subjects per dataset (+1 test, 3 unlabelled), fold 0 only, "
+                           "2 epochs x 2 iterations (1 validation iteration) per model, autoencoder 1 x 2")
     mode.add_argument("--full", action="store_true",
                       help="the papers' budgets (1000 epochs, 5 folds, whole-brain phantom) on a GPU")
     p.add_argument("--folds", type=int, nargs="+", help="folds to train (default 0; --full: 0 1 2 3 4)")
@@ -115,7 +118,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=("tiny", "small", "full"), help="phantom size (default tiny: crops of the basal ganglia and corona radiata)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="training device (default cpu; --full: cuda)")
     p.add_argument("--seed", type=int, help="phantom seed (default 0)")
-    p.add_argument("--restart", action="store_true", help="delete the work folder first")
+    p.add_argument("--restart", action="store_true",
+                   help="delete the work folder first (only a demo's own: any other folder is refused)")
 
 
 class Demo:
@@ -252,7 +256,7 @@ class Demo:
         for dataset_id, tag in ((T2W_ID, "T2w"), (T1W_ID, "T1w")):
             models = [f"{m['trainer']}:{m['config']}{m['at']}" for m in self.models() if m["dataset"] == dataset_id]
             out = self.work / f"report_{tag}"
-            cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *models, "frangi",
+            cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *models, "classical",
                    "--baseline", f"{s.trainer('nnUNetTrainer')}:3d_fullres", "--folds", *s.folds,
                    "--regions", self.dataset_dir(dataset_id) / "regions", "--device", s.device, "-o", out]
             self.run(f"6/7 compare ({tag})", cmd, f"compare_{tag}")
@@ -277,13 +281,23 @@ class Demo:
         return 0
 
 
+def _earlier_work_folder(work: Path) -> bool:
+    """A demo work folder of a version before the ownership marker (nnunet_pvs.staging.MARKER)."""
+    return (work / "demo_settings.json").is_file() and (work / ".stages").is_dir()
+
+
 def run(args: argparse.Namespace) -> int:
+    from nnunet_pvs.staging import check_output_folder, write_marker, write_text_atomic
+
     settings = DemoSettings.from_args(args)
     work = args.work_dir.resolve()
+    # resumable, so not staged; but only a demo's own folder is resumed, or deleted by --restart
+    check_output_folder(work, "demo", legacy=_earlier_work_folder, what="work folder", option="--work-dir")
     if args.restart and work.exists():
         shutil.rmtree(work)
     for sub in ("logs", ".stages"):
         (work / sub).mkdir(parents=True, exist_ok=True)
+    write_marker(work, "demo")
     recorded = work / "demo_settings.json"
     if recorded.exists():
         before = json.loads(recorded.read_text())
@@ -292,7 +306,5 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{work} holds a demo made with other settings ({', '.join(changed)}); "
                             "use another --work-dir or --restart")
     else:
-        tmp = recorded.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(settings), indent=2))
-        os.replace(tmp, recorded)
+        write_text_atomic(recorded, json.dumps(asdict(settings), indent=2))
     return Demo(work, settings)()

@@ -9,6 +9,9 @@ nnU-Net's "Could not find requested nnunet trainer"): it says whether this shell
 ``nnUNet_extTrainer`` holds our shim folder and, for a model zip, model folder, fold folder or
 checkpoint, which plugin and version trained it and whether the installed one provides its
 trainer. Each problem comes with the command that fixes it; the exit code is 1 if there is one.
+A model whose checkpoints would need code to load is refused, one line per checkpoint: nnU-Net's
+own loader (``torch.load(weights_only=False)`` in ``nnUNetv2_predict``) would run that code
+(see :mod:`nnunet_pvs.safe_files`).
 """
 
 from __future__ import annotations
@@ -98,6 +101,15 @@ def model_records(model: Path) -> list[tuple[str | None, dict | None]]:
     return [(trainer, rec)]
 
 
+def checkpoint_problems(model: Path) -> list[str]:
+    """One line per checkpoint in ``model`` that needs code to load, saying that nnU-Net would run it."""
+    from nnunet_pvs.safe_files import unsafe_checkpoints
+
+    return [f"{line}. nnU-Net's own loader (torch.load with weights_only=False, in nnUNetv2_predict and "
+            f"-pretrained_weights) would run that code: do not use this model; ask its author for checkpoints "
+            f"that hold only tensors and numbers" for line in unsafe_checkpoints(model)]
+
+
 def check(model: str | None) -> list[str]:
     """Problems (each with its fix) of this shell's set-up and, if given, of ``model``; print the findings."""
     from nnunet_pvs import __version__
@@ -112,7 +124,9 @@ def check(model: str | None) -> list[str]:
         problems.append(f"{ENV_VAR} does not hold {ours} (now: {os.environ.get(ENV_VAR, '') or 'unset'}): "
                         f"nnU-Net will say 'Could not find requested nnunet trainer'. Fix: eval \"$(nnunet-pvs env)\" "
                         f"in the shell or job script that runs nnU-Net")
-    if model:
+    unsafe = checkpoint_problems(Path(model)) if model else []
+    problems += unsafe
+    if model and not unsafe:
         from nnunet_pvs import trainers
 
         for trainer, rec in model_records(Path(model)):
@@ -134,7 +148,7 @@ def check(model: str | None) -> list[str]:
                                 f"nnunet-pvs=={need}, then eval \"$(nnunet-pvs env)\"")
             elif need != __version__:
                 print(f"note: trained with nnunet-pvs {need}, installed {__version__}; for identical results "
-                      f"install the same version: pip install nnunet-pvs=={need}")
+                      f"install the same version: pip install its wheel or a clone at version {need}")
     for p in problems:
         print(f"problem: {p}")
     print("all set" if not problems else f"{len(problems)} problem(s)")

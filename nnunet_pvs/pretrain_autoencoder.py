@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_pvs.dataset_conversion.staging import process_alive, sigterm_raises
+from nnunet_pvs.staging import process_alive, sigterm_raises, write_file_atomic
 from nnunet_pvs.errors import UserError
 
 DEFAULT_TRAINER = "nnUNetTrainerAEUNet"
@@ -177,6 +177,32 @@ def check_image_values(f: Path, data: np.ndarray) -> None:
                         f"nothing but a constant (validation MSE 0)")
 
 
+def check_stored_values(f: Path) -> None:
+    """Refuse NaN / infinite voxels as stored in a NIfTI file, as ``nnunet-pvs convert`` does.
+
+    nnU-Net's SimpleITK reader hands NaN voxels over as 0, so :func:`check_image_values` never
+    sees them and the autoencoder would learn the holes as dark tissue; nibabel keeps them. Only
+    float files can hold them, so integer files are not read twice.
+    """
+    if not f.name.endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(f))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return
+        data = np.asanyarray(img.dataobj)
+    except Exception:  # the image reader already read it; nibabel's own quirks are not the user's problem
+        return
+    bad = ~np.isfinite(data)
+    if bad.any():
+        n = int(bad.sum())
+        raise UserError(f"{f}: {n} of {data.size} voxels are NaN or infinite in the file"
+                        + (" (the whole image)" if n == data.size else "")
+                        + " (nnU-Net's reader would turn them into 0); the autoencoder needs finite intensities")
+
+
 def remove_leftovers(folder: Path) -> list[Path]:
     """Remove caches / temporary files of earlier runs in ``folder`` whose process is gone."""
     removed = []
@@ -213,6 +239,7 @@ def read_case(files: list[Path], reader) -> tuple[np.ndarray, dict]:
         if arrays and data.shape != arrays[0].shape:
             raise UserError(f"{f}: shape {data.shape[1:]} differs from {files[0].name} {arrays[0].shape[1:]}")
         check_image_values(f, data)
+        check_stored_values(f)
         arrays.append(data)
         props = p if props is None else props
     return np.vstack(arrays), props
@@ -233,20 +260,6 @@ def crop_at(volume: np.ndarray, patch, starts) -> np.ndarray:
     piece = np.asarray(volume[(slice(None), *sl)], dtype=np.float32)
     out[(slice(None), *(slice(0, s) for s in piece.shape[1:]))] = piece
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def loss_paths(output: Path) -> tuple[Path, Path]:
@@ -283,8 +296,8 @@ def write_losses(rows: list[dict], csv_path: Path, png_path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 
-    _atomic_write(csv_path, write_csv)
-    _atomic_write(png_path, write_png)
+    write_file_atomic(csv_path, write_csv)
+    write_file_atomic(png_path, write_png)
 
 
 def build_pretrained_checkpoint(trainer_class, plans_manager, configuration_manager, dataset_json,

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from nnunet_pvs.dataset_conversion.staging import staging_name
+from nnunet_pvs.staging import staging_name
 from synthetic import write_tiny_dataset
 
 CLI = Path(sys.executable).parent / "nnunet-pvs"
@@ -138,9 +138,9 @@ def _convert_case(tmp: Path, env, kind: str) -> Case:
         base += ["-o", out / "nnUNet_raw"]
         expect = [str(out), "is a file"]
         raw = out
-    elif kind == "reused_output":  # a different dataset with this id: refused, kept as it was
-        _save(raw / "Dataset050_Old" / "imagesTr" / "x_0000.nii.gz", np.zeros(SHAPE, np.float32))
-        expect = ["Dataset050_Old", "--force"]
+    elif kind == "reused_output":  # a dataset of this id made by hand: refused, kept as it was (even --force
+        _save(raw / "Dataset050_Old" / "imagesTr" / "x_0000.nii.gz", np.zeros(SHAPE, np.float32))  # would not)
+        expect = ["Dataset050_Old", "not written by 'nnunet-pvs convert'", "choose another -d"]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     (manifest.write_bytes if isinstance(text, bytes) else manifest.write_text)(text)
     return Case(base, expect, [d], [raw])
@@ -326,8 +326,8 @@ def test_splits_and_regions_clean_killed_runs_leftovers(nnunet_env, tmp_path):
     _save(src / "b.nii.gz", _aseg())
     run_cli([CLI, "regions", "-i", src, "-o", out], env=env)
     assert sorted(p.name for p in work.iterdir()) == ["aseg", "masks"]
-    assert sorted(p.name for p in out.iterdir()) == ["a_bg.nii.gz", "a_wm.nii.gz", "b_bg.nii.gz", "b_wm.nii.gz",
-                                                     "slices.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".nnunet-pvs.json", "a_bg.nii.gz", "a_wm.nii.gz",
+                                                     "b_bg.nii.gz", "b_wm.nii.gz", "slices.csv"]
 
 
 def test_id_prefix_collision_each_case_keeps_its_own_data(nnunet_env, tmp_path):

@@ -553,13 +553,13 @@ def test_output_folder_rules(cohort, capsys):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     rc, err = _census(["-i", tmp / "bin", "-o", other], capsys)
-    assert rc == 2 and "not written by `nnunet-pvs census`" in err and (other / "notes.txt").read_text() == "keep me"
-    evaluation = tmp / "eval_out"        # another command's output folder is not replaced either
+    assert rc == 2 and "not written by 'nnunet-pvs census'" in err and (other / "notes.txt").read_text() == "keep me"
+    evaluation = tmp / "eval_out"        # another command's output folder (earlier versions' marker) is not replaced
     evaluation.mkdir()
     (evaluation / ".nnunet-pvs-output").write_text("written by nnunet-pvs evaluate\n")
     (evaluation / "per_case.csv").write_text("case\n")
     rc, err = _census(["-i", tmp / "bin", "-o", evaluation], capsys)
-    assert rc == 2 and "another nnunet-pvs command" in err and (evaluation / "per_case.csv").exists()
+    assert rc == 2 and "was written by 'nnunet-pvs evaluate'" in err and (evaluation / "per_case.csv").exists()
     out = tmp / "census"
     assert _census(["-i", tmp / "bin", "-o", out], capsys)[0] == 0
     (out / "stale.txt").write_text("from an earlier run")

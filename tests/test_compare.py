@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats as sst
 
 from conftest import run_cli
@@ -77,7 +78,7 @@ def make_dataset(env: dict, models=(BASE, MFNS, TWO_D)):
         for fold in range(5):
             fd = folder / f"fold_{fold}"
             (fd / "validation").mkdir(parents=True)
-            (fd / "checkpoint_final.pth").write_bytes(b"placeholder")
+            torch.save({}, fd / "checkpoint_final.pth")  # a safe file without nnU-Net's keys: progress from the logs
             (fd / "validation" / "summary.json").write_text("{}")
             log = []
             for ep in range(n_ep):
@@ -179,7 +180,7 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
     assert "nnUNetTrainerAEUNet:3d_fullres: not trained" in proc.stderr
 
     # restore MfNS_De: it and the baseline are compared; the 2d model and the AE U-Net are excluded
-    (mfns2 / "checkpoint_final.pth").write_bytes(b"x")
+    torch.save({}, mfns2 / "checkpoint_final.pth")
     (mfns2 / "validation" / "summary.json").write_text("{}")
     proc = run_cli(compare_cmd(out, models=(BASE, MFNS, TWO_D, "nnUNetTrainerAEUNet:3d_fullres")),
                    env=nnunet_env["env"])
@@ -202,7 +203,7 @@ def test_missing_and_training_folds_are_listed_and_excluded(nnunet_env, tmp_path
 
     with pytest.raises(UserError, match="no complete model besides the baseline"):
         compare(DATASET, [BASE, MFNS], out2, n_boot=100, plots=False)
-    (mfns2 / "checkpoint_final.pth").write_bytes(b"x")
+    torch.save({}, mfns2 / "checkpoint_final.pth")
     (mfns2 / "validation" / "summary.json").write_text("{}")
     path = compare(DATASET, [BASE, MFNS, TWO_D], out2, baseline=BASE, n_boot=100, plots=False)
     assert path == out2.resolve() / "report.md" and path.is_file()

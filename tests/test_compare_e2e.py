@@ -121,7 +121,7 @@ def test_cross_validation_cases_and_reprediction(trained):
         ref = np.asarray(nib.load(str(raw / "labelsTr" / f"{case}.nii.gz")).dataobj) > 0
         denom = pred.sum() + ref.sum()
         assert t2.loc[case, f"{BEST}|dice"] == pytest.approx(2 * (pred & ref).sum() / denom if denom else 1.0)
-    tun = pd.read_csv(out / "frangi_tuning.csv")
+    tun = pd.read_csv(out / "classical_tuning.csv")
     assert list(tun["fold"]) == [f"fold_{f}" for f in FOLDS] and (tun["n_train"] == 3).all()
     # a re-run reuses the cached predictions: nothing is predicted again
     again = run_cli([CLI, "compare", "-d", DID, "--models", MFNS, STOCK, BEST, "frangi", "--folds", *FOLDS,
@@ -142,5 +142,5 @@ def test_cai_protocol_scores_each_test_subject_once(trained):
     md = (out / "report.md").read_text()
     assert "Cai et al. protocol" in md and "checkpoint_final.pth" in md
     assert set(pd.read_csv(out / "stats.csv")["model"]) == {MFNS, "frangi"}
-    tun = pd.read_csv(out / "frangi_tuning.csv")
+    tun = pd.read_csv(out / "classical_tuning.csv")
     assert (tun["n_train"] == 3).all() and (tun["n_targets"] == 1).all()

@@ -162,7 +162,7 @@ def test_output_path_problems_are_reported_before_any_computation(nnunet_env, tm
     a_file = tmp_path / "report.txt"
     a_file.write_text("mine")
     proc = run_cli(_cmd(a_file), env=env, check=False)
-    assert proc.returncode == 2 and f"{a_file}: exists and is not a folder" in proc.stderr
+    assert proc.returncode == 2 and f"{a_file}: the report folder is a file, a folder is needed" in proc.stderr
     assert "compare: evaluate" not in proc.stderr and a_file.read_text() == "mine"
     proc = run_cli(_cmd(a_file / "sub"), env=env, check=False)
     assert proc.returncode == 2 and "is a file" in proc.stderr and "compare: evaluate" not in proc.stderr
@@ -205,7 +205,7 @@ def write_images(env: dict, splits: bool = True):
 
 
 def test_frangi_is_tuned_per_fold_on_training_cases_and_scored_like_a_network(nnunet_env, tmp_path, capsys):
-    from nnunet_pvs.classical import tuning, vesselness
+    from nnunet_pvs.classical import bank, tuning, vesselness
     from nnunet_pvs.compare import compare
     from nnunet_pvs.evaluation import io
 
@@ -218,11 +218,12 @@ def test_frangi_is_tuned_per_fold_on_training_cases_and_scored_like_a_network(nn
     proc = run_cli(_cmd(out, models=(BASE, MFNS, "frangi")), env=env)
     assert "frangi: tune" in proc.stderr
     md = (out / "report.md").read_text()
-    assert "tuned on training folds" in md and "frangi: parameters tuned on training folds" in md
+    assert "tuned on training folds" in md and "classical: filter, scales and threshold tuned on training folds" in md
     st = pd.read_csv(out / "stats.csv")
     assert set(st["model"]) == {MFNS, "frangi"}              # paired tests against the baseline
-    tun = pd.read_csv(out / "frangi_tuning.csv")
+    tun = pd.read_csv(out / "classical_tuning.csv")
     assert list(tun["fold"]) == [f"fold_{k}" for k in range(5)] and (tun["n_train"] == 8).all()
+    assert set(tun["model"]) == {"frangi"} and set(tun["filter"]) == {"frangi"}    # the suite restricted to Frangi
     # fold 0 independently: grid on its eight training cases, chosen parameters, Dice of its validation cases
     raw = nnunet_env["nnUNet_raw"] / DATASET
     train0 = [c for c in CASES if FOLD_OF[c] != 0]
@@ -232,9 +233,11 @@ def test_frangi_is_tuned_per_fold_on_training_cases_and_scored_like_a_network(nn
         mask = vesselness.brain_mask(img.data, img.spacing)
         norm = vesselness.normalise(img.data, mask)
         label = io.read_nifti(raw / "labelsTr" / f"{c}.nii.gz", c, "label").data != 0
-        grids.append(tuning.case_dice_grid([vesselness.frangi_response(norm, img.spacing, s, True)
-                                            for s in tuning.DEFAULT_SCALE_SETS], label, mask))
-    params = tuning.select(grids)
+        filters = bank.suite(("frangi",))
+        thresholds = [bank.DEFAULT_THRESHOLDS["frangi"]] * len(filters)
+        grids.append(tuning.case_dice_grid([vesselness.frangi_response(norm, img.spacing, f.scales_mm, True)
+                                            for f in filters], label, mask, thresholds))
+    params = tuning.select(grids, filters, thresholds)
     assert tun.loc[0, "threshold"] == pytest.approx(params.threshold)
     assert tun.loc[0, "train_dice"] == pytest.approx(params.train_dice)
     t2 = pd.read_csv(out / "table2_voxel.csv", index_col="case")
@@ -310,7 +313,7 @@ for p in labels.glob("*.nii.gz"):
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     out = tmp_path / "rep"
     compare(DATASET, [BASE, "frangi"], out, test_set="imagesTs", labels="labelsTs", n_boot=50, plots=False)
-    tun = pd.read_csv(out / "frangi_tuning.csv")
+    tun = pd.read_csv(out / "classical_tuning.csv")
     assert tun["fold"].tolist() == ["all"] and tun.loc[0, "n_train"] == len(CASES) and tun.loc[0, "n_targets"] == 3
     models = pd.read_csv(out / "models.csv").set_index("model")
     assert models.loc["frangi", "budget"] == "tuned on all training cases"

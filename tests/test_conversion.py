@@ -195,13 +195,17 @@ def test_affine_within_tolerance_is_accepted_and_label_value_picks(nnunet_env, t
     assert proc.returncode == 2 and "--label-value" in proc.stderr and "0, 2, 5" in proc.stderr
     for p in nnunet_env["nnUNet_raw"].iterdir():
         raise AssertionError(f"{p} written despite the error")
+    # good subjects' 0/1 masks hold no 2: written empty they would say "no PVS", so refused, named
     proc, _ = _one_bad(tmp_path, nnunet_env, mutate, extra=("--label-value", "2"))
+    assert proc.returncode == 2 and "2 of 3 mask(s) have labelled voxels but none of --label-value 2" in proc.stderr
+    assert "good1" in proc.stderr and not list(nnunet_env["nnUNet_raw"].iterdir())
+    proc, _ = _one_bad(tmp_path, nnunet_env, mutate, extra=("--label-value", "2", "--allow-empty-labels"))
     assert proc.returncode == 0, proc.stderr
     root = nnunet_env["nnUNet_raw"] / "Dataset030_Bad"
     lab = nib.load(str(root / "labelsTr" / "bad.nii.gz"))
     assert int(lab.get_fdata().sum()) == 8  # only the value-2 voxels
     np.testing.assert_allclose(lab.affine, nib.load(str(root / "imagesTr" / "bad_0000.nii.gz")).affine)
-    # good subjects' 0/1 masks with --label-value 2 are empty: warned, listed, still converted
+    # with --allow-empty-labels they are written empty: warned, listed
     assert "good1" in proc.stderr and "empty mask" in proc.stderr
 
 
@@ -315,7 +319,7 @@ def test_sigterm_while_staging_runs_the_clean_up():
     import os
     import signal
 
-    from nnunet_pvs.dataset_conversion.staging import sigterm_raises
+    from nnunet_pvs.staging import sigterm_raises
 
     cleaned = []
     with pytest.raises(SystemExit) as e:

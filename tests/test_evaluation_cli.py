@@ -373,7 +373,7 @@ def test_cli_one_to_one_protocols_size_groups(tmp_path):
     h, v = pc.loc["hand"], pc.loc["void"]
     assert (h["cluster_tp"], h["cluster_fp"], h["cluster_fn"]) == (2, 3, 3)
     assert h["rq"] == pytest.approx(0.4) and h["sq"] == pytest.approx(0.5) and h["pq"] == pytest.approx(0.2)
-    assert h["valdo_f1"] == pytest.approx(0.4) and h["valdo_mean_tp_dice"] == pytest.approx((14 / 17 + 2 / 3) / 2)
+    assert h["valdo_f1"] == pytest.approx(4 / 9) and h["valdo_mean_tp_dice"] == pytest.approx((14 / 17 + 2 / 3) / 2)
     assert h["epvs_precision"] == pytest.approx(0.8) and h["epvs_nvd"] == pytest.approx(11 / 26)
     assert h["shivai_precision"] == pytest.approx(0.8)
     assert h["iou"] == pytest.approx(13 / 28)

@@ -56,6 +56,43 @@ def test_ordinal_logistic_four_levels_recovers_the_slope():
     assert math.isnan(ordinal_logistic([1, 2, 3], [1, 1, 1])["beta"])
 
 
+# Outputs of the hand-written proportional-odds fit (scipy BFGS on its own likelihood) that
+# evaluate-cohort used before statsmodels' OrderedModel, computed on these inputs before the change
+# (evaluation/cohort_stats.py at fa95f6d).
+ORD_X4 = [127, 58, 132, 152, 55, 124, 145, 191, 179, 100, 170, 194, 90, 94, 87, 60, 69, 173, 43, 3, 48, 172, 165,
+          182, 135, 114, 51, 6, 16, 188, 27, 199, 36, 90, 113, 132, 41, 180, 177, 119, 199, 82, 16, 139, 11, 170,
+          163, 9, 154, 191, 189, 108, 1, 143, 74, 130, 73, 24, 36, 85]
+ORD_Y4 = [2, 4, 4, 2, 1, 2, 2, 4, 3, 1, 1, 4, 3, 2, 1, 1, 2, 2, 1, 1, 2, 2, 3, 4, 4, 4, 2, 1, 1, 3, 2, 4, 1, 1, 4, 4,
+          1, 4, 3, 2, 2, 2, 2, 2, 1, 4, 4, 1, 4, 4, 2, 2, 3, 2, 2, 1, 2, 1, 1, 3]
+ORD_X3 = [70, 10, 4, 3, 8, 35, 45, 60, 20, 63, 64, 8, 68, 5, 47, 15, 73, 58, 56, 75, 50, 63, 17, 59, 50, 49, 55, 12,
+          12, 42, 72, 45, 18, 12, 36, 20, 46, 76, 76, 46, 33, 35, 60, 18, 56]
+ORD_Y3 = [1, 2, 0, 0, 2, 0, 2, 2, 2, 1, 0, 0, 1, 1, 0, 1, 2, 2, 2, 2, 1, 2, 1, 1, 2, 1, 2, 0, 0, 0, 1, 1, 0, 0, 0, 1,
+          2, 2, 1, 0, 1, 1, 1, 0, 1]
+ORD_BEFORE = {
+    "four levels": (ORD_X4, ORD_Y4, {
+        "beta": 0.022052290980940033, "cutpoints": [1.1209470700940292, 3.1893853927793945, 3.900190918436107],
+        "mcfadden_r2": 0.15877359691699622, "nagelkerke_r2": 0.36904790764590284, "lr_stat": 25.187510508677747,
+        "p": 5.201797743059486e-07, "n": 60, "levels": [1.0, 2.0, 3.0, 4.0]}),
+    "three levels": (ORD_X3, ORD_Y3, {
+        "beta": 0.03612570242650246, "cutpoints": [0.6143513758650576, 2.4602223096733336],
+        "mcfadden_r2": 0.08291968408565653, "nagelkerke_r2": 0.18690659313049493, "lr_stat": 8.166192508569281,
+        "p": 0.004267840398977385, "n": 45, "levels": [0.0, 1.0, 2.0]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORD_BEFORE))
+def test_ordinal_logistic_reproduces_the_hand_written_fit(case):
+    """Same maximum: the log-likelihood-based values to 1e-9 relative, the coefficients (where two
+    optimisers stop at the gradient tolerance) to 1e-6 relative."""
+    x, y, before = ORD_BEFORE[case]
+    got = ordinal_logistic(x, y)
+    assert got["n"] == before["n"] and got["levels"] == before["levels"]
+    for k in ("mcfadden_r2", "nagelkerke_r2", "lr_stat", "p"):
+        assert got[k] == pytest.approx(before[k], rel=1e-9), k
+    assert got["beta"] == pytest.approx(before["beta"], rel=1e-6)
+    assert got["cutpoints"] == pytest.approx(before["cutpoints"], rel=1e-6)
+
+
 def test_spearman_and_ks():
     assert spearman([1, 2, 3, 4], [10, 20, 25, 40])["spearman_r"] == pytest.approx(1.0)
     r = spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])

@@ -54,6 +54,6 @@ def test_evaluate_models_carries_the_new_columns(tmp_path):
     row = df.iloc[0]
     assert set(ce.metric_columns(opts)) <= set(df.columns)
     assert (row["cluster_tp"], row["cluster_fp"], row["cluster_fn"]) == (2, 3, 3)   # hand-counted
-    assert row["valdo_f1"] == pytest.approx(0.4) and row["pq"] == pytest.approx(0.2)
+    assert row["valdo_f1"] == pytest.approx(4 / 9) and row["pq"] == pytest.approx(0.2)
     assert row["detection_rate_le2"] == 0 and row["detection_rate_2to5"] == 1 and row["detection_rate_gt5"] == 0.5
     assert row["false_positives_le2"] == 3 and row["lesion_dice_gt5"] == pytest.approx(10 / 15)

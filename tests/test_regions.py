@@ -70,7 +70,8 @@ def test_cli_folder_readable_by_evaluation(tmp_path):
     p = run_cli([CLI, "regions", "-i", src, "-o", out, "--slices"])
     assert "bg_slice" in p.stdout
     assert sorted(x.name for x in out.iterdir()) == sorted(
-        [f"{c}_{n}.nii.gz" for c in "ab" for n in ("bg", "wm", "bgslice", "csoslice")] + ["slices.csv"])
+        [f"{c}_{n}.nii.gz" for c in "ab" for n in ("bg", "wm", "bgslice", "csoslice")] + ["slices.csv",
+                                                                                          ".nnunet-pvs.json"])
     table = pd.read_csv(out / "slices.csv")
     assert list(table["bg_slice"]) == [7, 7] and list(table["cso_slice"]) == [22, 22]
     names = {n for n, *_ in load_regions(out, "a")}
@@ -138,7 +139,7 @@ def test_replacing_an_output_keeps_the_old_one_until_the_new_one_is_in(tmp_path,
     between leaves the old output where it was."""
     import os
 
-    from nnunet_pvs.dataset_conversion import staging
+    from nnunet_pvs import staging
 
     out, new = tmp_path / "masks", tmp_path / ".masks.new"
     out.mkdir()

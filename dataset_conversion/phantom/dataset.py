@@ -3,7 +3,8 @@
 Besides ``imagesTr``/``labelsTr`` (rater labels, what a model is trained on), the dataset holds
 ``labelsTr_truth``/``labelsTs_truth`` (noise-free labels, declared as ``truth_labels`` in the
 ``nnunet_pvs`` block of dataset.json) so that ``nnunet-pvs evaluate --truth`` can say how far rater
-noise caps a measured Dice. Everything is staged in a hidden folder and moved into place at the end.
+noise caps a measured Dice. Everything is staged in a hidden folder and moved into place at the end;
+only a dataset `phantom` wrote is ever replaced (:mod:`nnunet_pvs.staging`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import numpy as np
 
 from nnunet_pvs.dataset_conversion.phantom.anatomy import SIZES, SPACING
 from nnunet_pvs.dataset_conversion.phantom.subject import generate_subject
-from nnunet_pvs.dataset_conversion.staging import (check_writable_target, clean_leftovers, replace_folder,
-                                                    sigterm_raises, staging_name)
+from nnunet_pvs.staging import check_writable_target, clean_leftovers, replace_folder, sigterm_raises, staging_name
 from nnunet_pvs.errors import UserError
 
 GENERATOR_VERSION = 2
@@ -64,7 +64,8 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
     pretraining), the truth folders, ``regions/CASE.nii.gz`` (aseg label maps) and
     ``covariates.csv``. Re-running with the same parameters is a no-op; different ones need ``force``.
     """
-    from nnunet_pvs.dataset_conversion.convert import dataset_folder_name, existing_datasets, write_dataset
+    from nnunet_pvs.dataset_conversion.convert import (check_datasets_owned, dataset_folder_name, existing_datasets,
+                                                       write_dataset)
     from nnunet_pvs.dataset_conversion.validation import Subject
 
     n_subjects = SIZES[size].n_subjects if (n_subjects is None and size in SIZES) else n_subjects
@@ -76,10 +77,12 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
         raise UserError(f"{raw}: is a file, not an nnU-Net raw folder")
     folder = raw / dataset_folder_name(dataset_id, name)
     check_writable_target(folder, "dataset folder", want_dir=True)
+    check_writable_target(raw, "nnU-Net raw folder", want_dir=True)  # the dataset is staged beside it
     clean_leftovers(raw, f"Dataset{int(dataset_id):03d}_", log=log)
     params = {"generator_version": GENERATOR_VERSION, "contrast": contrast, "size": size, "seed": int(seed),
               "n_subjects": n_subjects, "n_test": int(n_test), "n_unlabeled": int(n_unlabeled)}
     existing = existing_datasets(raw, dataset_id) if raw.is_dir() else []
+    check_datasets_owned(existing, "phantom")  # another command's dataset or the user's: refused, even with force
     if existing == [folder] and (folder / "dataset.json").is_file():
         try:
             old = json.loads((folder / "dataset.json").read_text())["nnunet_pvs"].get("phantom")
@@ -104,12 +107,7 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
             stage.mkdir()
             out = _generate_into(stage, it, contrast, size, seed, dataset_id, name, n_test, params, progress,
                                  log, write_dataset, Subject)
-            for other in existing:
-                if other != folder:
-                    aside = staging_name(other, "old")
-                    other.rename(aside)
-                    shutil.rmtree(aside, ignore_errors=True)
-            replace_folder(out, folder)
+            replace_folder(out, folder, others=existing)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     log(f"{folder}: wrote {n_subjects} training, {n_test} test, {n_unlabeled} unlabeled case(s)")
@@ -138,6 +136,7 @@ def _generate_into(stage: Path, it, contrast, size, seed, dataset_id, name, n_te
     extra = {"phantom": params, "truth_labels": TRUTH_FOLDERS["labelsTr"],
              "truth_labels_test": TRUTH_FOLDERS["labelsTs"] if n_test else None}
     out, _ = write_dataset(subjects, staged_raw, dataset_id, name, [contrast], force=True, progress=progress,
+                           command="phantom",
                            description=f"Synthetic PVS phantom v{GENERATOR_VERSION} ({contrast}-like, size "
                                        f"{size}, seed {seed}) built on the MNI152 template; see docs/data.md",
                            extra_json=extra, log=log)

@@ -2,8 +2,8 @@
 report, from nnU-Net predictions of new scans (no reference labels needed).
 
 Every subject is read, checked and measured before OUT appears: the outputs are written to a
-staging folder beside OUT and renamed to OUT at the end (an earlier census in OUT is replaced as
-a whole; see ``nnunet_pvs.evaluation.output_dir``), so a failed run leaves nothing behind.
+staging folder that becomes OUT at the end (an earlier census in OUT is replaced as a whole,
+another command's folder is refused; see ``nnunet_pvs.staging``), so a failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     thr.add_argument("--threshold-from", type=Path, metavar="EVAL_DIR",
                      help="take the threshold with the highest mean Dice (region whole) from the thresholds.csv "
                           "sweep of `nnunet-pvs evaluate` (e.g. on the cross-validation)")
-    p.add_argument("--min-size-mm3", type=float, default=0.0, metavar="V",
-                   help="drop clusters smaller than V mm^3 (default 0: keep all)")
+    p.add_argument("--min-size-mm3", type=float, metavar="V",
+                   help="drop clusters smaller than V mm^3 (default 0: keep all; with --threshold-from, the "
+                        "cluster-size filter of that evaluation's sweep in mm^3: s voxels -> (s + 1) voxel volumes)")
     p.add_argument("--size-classes", default="5,10,50", metavar="E1,E2,...",
                    help="edges in mm^3 of the size classes counted in subjects.csv (default 5,10,50)")
     p.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26,
@@ -77,10 +78,16 @@ def run(args) -> int:
         thr = {"value": float(args.threshold), "source": "option"}
     else:
         thr = {"value": 0.5, "source": "default"}
-    inputs.check_number("--min-size-mm3", args.min_size_mm3, 0.0)
+    if args.min_size_mm3 is not None:
+        inputs.check_number("--min-size-mm3", args.min_size_mm3, 0.0)
+        min_size = {"value": float(args.min_size_mm3), "source": "option"}
+    elif args.threshold_from is not None:
+        min_size = inputs.min_size_from_sweep(args.threshold_from, thr["value"])
+    else:
+        min_size = {"value": 0.0, "source": "default"}
     if args.num_processes < 1 or args.mosaic_slices < 1:
         raise UserError("-np and --mosaic-slices must be at least 1")
-    opts = Options(threshold=thr["value"], min_size_mm3=args.min_size_mm3, connectivity=args.connectivity,
+    opts = Options(threshold=thr["value"], min_size_mm3=min_size["value"], connectivity=args.connectivity,
                    size_classes=_size_classes(args.size_classes), binary=args.binary,
                    geometry_tol=args.geometry_tol,
                    plots=not args.no_plots, mosaic_slices=args.mosaic_slices, label_maps=args.label_maps)
@@ -112,7 +119,7 @@ def run(args) -> int:
                        "images": str(args.images.resolve()) if args.images else None,
                        "regions": str(args.regions.resolve()) if args.regions else None},
             "threshold": thr, "binarisation": "p >= threshold (probability inputs; binary masks used as is)",
-            "min_size_mm3": opts.min_size_mm3, "connectivity": opts.connectivity,
+            "min_size_mm3": opts.min_size_mm3, "min_size": min_size, "connectivity": opts.connectivity,
             "size_classes_mm3": list(opts.size_classes),
             "region_rule": "a cluster goes to the region holding most of its voxels (voxels outside every "
                            "region do not vote; no voxel in any region: outside); on a tie, the region listed "
@@ -128,6 +135,11 @@ def run(args) -> int:
         print(f"left out (--allow-missing): {what} {', '.join(items)}", file=sys.stderr)
     for what, items in unused.items():
         print(f"note: {len(items)} {what} not used (listed in summary.json)", file=sys.stderr)
+    if min_size["source"] == "sweep":
+        print(f"minimum cluster size from {min_size['sweep']}: {min_size['min_cluster_size_voxels']} voxel(s) "
+              f"(best pooled cluster Dice {min_size['pooled_cluster_dice']:.3f} at p >= {thr['value']:g}; "
+              f"{min_size['rule']}) -> --min-size-mm3 {min_size['value']:g}")
     print(f"census of {len(infos)} subject(s), {len(clusters)} cluster(s) at p >= {thr['value']:g}"
-          f" ({thr['source']}); results in {out}")
+          f" ({thr['source']})" + (f", clusters of at least {opts.min_size_mm3:g} mm3 ({min_size['source']})"
+                                   if opts.min_size_mm3 > 0 else "") + f"; results in {out}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io as _io
-import os
 from pathlib import Path
 
 import matplotlib
@@ -33,11 +32,10 @@ def colours(names) -> dict[str, str]:
 
 
 def _save(fig, path: Path) -> None:
+    """Written plainly: the census writes into a staged folder that appears only when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def png_bytes(fig) -> bytes:

@@ -65,9 +65,10 @@ def gather_cases(pred_dir: Path, image_dir: Path | None, region_dir: Path | None
     ``imagesTs`` or ``regions/`` for a predicted subset) are simply not used, and listed.
     """
     preds = io.gather_predictions(pred_dir)
-    for role, folder in (("image", image_dir), ("region", region_dir)):
-        if folder is not None and not folder.is_dir():
-            raise UserError(f"{folder}: {role} folder does not exist")
+    for option, folder, holding in (("--images", image_dir, "the images"), ("--regions", region_dir,
+                                                                            "the region maps")):
+        if folder is not None:
+            io.require_folder(folder, option, holding)
     cases = set(preds)
     missing: dict[str, list[str]] = {}
     unused: dict[str, list[str]] = {}
@@ -146,6 +147,56 @@ def threshold_from_sweep(path: Path) -> dict:
     return {"value": t, "source": "sweep", "sweep": str(csv.resolve()), "metric": SWEEP_METRIC,
             "region": SWEEP_REGION, "mean_dice": best, "n_cases": int(means.loc[t, "count"]),
             "means": {f"{k:g}": float(v) for k, v in means["mean"].items()}}
+
+
+def min_size_from_sweep(path: Path, threshold: float) -> dict:
+    """``--min-size-mm3`` from the cluster-size sweep of the ``nnunet-pvs evaluate`` folder that gave the threshold.
+
+    The size chosen is the ``min_cluster_size`` s with the highest pooled cluster Dice in region
+    ``whole`` at ``threshold`` (``cluster_sizes_pooled.csv``: clusters of all cases pooled, as
+    Boutinaud et al. 2021 chose threshold and size on their Figure 7 grid); on a tie (within 1e-12)
+    the smallest s, i.e. the least filtering. ``evaluate`` removes clusters of **s voxels or fewer**
+    (``n <= s``); census removes clusters of **volume below V** (``volume < V``). With v the voxel
+    volume of the evaluated cases (``inputs.csv``), ``n <= s`` is ``n v < (s + 1) v``, so
+    V = (s + 1) v: on that grid exactly the clusters evaluate kept are kept (s = 0, no filter: V = 0).
+    Evaluated cases of different voxel volumes have no single V: an error asking for ``--min-size-mm3``.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    pooled_csv, inputs_csv = folder / "cluster_sizes_pooled.csv", folder / "inputs.csv"
+    hint = "; give --min-size-mm3 yourself (0 keeps every cluster)"
+    for f in (pooled_csv, inputs_csv):
+        if not f.is_file():
+            raise UserError(f"{folder}: no {f.name}, so the cluster-size filter chosen by the evaluation "
+                            f"cannot be taken over (an evaluation by an older nnunet-pvs?){hint}")
+    try:
+        pooled = pd.read_csv(pooled_csv, dtype={"region": str})
+        spacings = pd.read_csv(inputs_csv, dtype={"case": str, "spacing": str})["spacing"]
+        sel = pooled[(pooled["region"] == SWEEP_REGION)
+                     & np.isclose(pd.to_numeric(pooled["threshold"], errors="coerce"), threshold, rtol=0, atol=1e-9)]
+        dice = pd.to_numeric(sel["cluster_dice"], errors="coerce")
+        sizes = pd.to_numeric(sel["min_cluster_size"], errors="coerce")
+        volumes = sorted({float(np.prod([float(v) for v in str(sp).split("x")])) for sp in spacings})
+    except (KeyError, ValueError, pd.errors.ParserError) as e:
+        raise UserError(f"{folder}: cannot read the cluster-size sweep ({type(e).__name__}: {e}){hint}") from None
+    ok = dice.notna() & sizes.notna()
+    if not ok.any():
+        raise UserError(f"{pooled_csv}: no defined cluster Dice in region '{SWEEP_REGION}' at threshold "
+                        f"{threshold:g}{hint}")
+    best = float(dice[ok].max())
+    s = int(sizes[ok & (dice >= best - 1e-12)].min())
+    if not volumes or not all(v > 0 for v in volumes):
+        raise UserError(f"{inputs_csv}: no usable voxel spacing{hint}")
+    if volumes[-1] > volumes[0] * (1 + 1e-6):
+        raise UserError(f"{inputs_csv}: the evaluated cases have {len(volumes)} different voxel volumes "
+                        f"({', '.join(f'{v:g}' for v in volumes[:5])} mm3), so the filter of {s} voxel(s) "
+                        f"is no single volume{hint}")
+    v = volumes[0]
+    return {"value": (s + 1) * v if s > 0 else 0.0, "source": "sweep", "sweep": str(pooled_csv.resolve()),
+            "min_cluster_size_voxels": s, "voxel_volume_mm3": v, "threshold": threshold,
+            "metric": "cluster_dice", "region": SWEEP_REGION, "pooled_cluster_dice": best,
+            "rule": f"evaluate removes clusters of <= {s} voxel(s); census removes clusters below "
+                    f"{s + 1} x {v:g} mm3" if s > 0 else "no size filter was best (s = 0)"}
 
 
 def check_number(name: str, value: float, low: float, high: float = math.inf, low_open: bool = False) -> None:

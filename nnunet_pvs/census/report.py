@@ -6,57 +6,37 @@ import base64
 import html
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from nnunet_pvs.census.case import CLUSTER_COLUMNS, SLICE_REGIONS, WHOLE
-from nnunet_pvs.errors import UserError
-from nnunet_pvs.evaluation.output_dir import MARKER, check_output_dir, staged_output
+from nnunet_pvs.staging import check_output_folder, staged_folder
 
 COMMAND = "nnunet-pvs census"
 
 
-# --- output folder: staged beside OUT, swapped in only after success (evaluation.output_dir) ------
+# --- output folder: staged, swapped in only after success (nnunet_pvs.staging) ---------------------
 
 def check_output(out: Path) -> None:
     """OUT must be new, empty, or an earlier census output (then replaced as a whole at the end).
     Another command's output folder is refused too, so a census never replaces an evaluation."""
-    check_output_dir(out, "census", legacy_files=())
-    marker = out / MARKER
-    if marker.is_file() and "census" not in marker.read_text(errors="replace") and not is_census_output(out):
-        raise UserError(f"{out}: holds the output of another nnunet-pvs command "
-                        f"({marker.read_text(errors='replace').strip()}); give a new or empty folder")
+    check_output_folder(out, "census", legacy=is_census_output)
 
 
 def is_census_output(out: Path) -> bool:
+    """A census output of a version before the ownership marker: its summary.json names the command."""
     try:
         return json.loads((out / "summary.json").read_text()).get("command") == COMMAND
     except (OSError, ValueError, AttributeError):
         return False
 
 
-@contextmanager
 def staged(out: Path):
-    """``evaluation.output_dir.staged_output``, and on failure also remove the parent folders it
-    had to create, so a failed run leaves nothing at all."""
-    created = []
-    p = out.absolute().parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    try:
-        with staged_output(out, "census") as stage:
-            yield stage
-    except BaseException:
-        for p in created:  # innermost first
-            try:
-                p.rmdir()
-            except OSError:
-                break
-        raise
+    """The staging folder of OUT: it becomes OUT when the census is complete; on failure it is
+    removed with any parent folder it created, so a failed run leaves nothing at all."""
+    return staged_folder(out, "census", legacy=is_census_output)
 
 
 # --- files ------------------------------------------------------------------------------------------

@@ -1,33 +1,40 @@
-"""Choosing Frangi scales and threshold on training cases, and applying them unchanged.
+"""Choosing the filter, its scales and its threshold on training cases, and applying them unchanged.
 
-The grid is a few scale sets x a fixed set of thresholds on the response (which lies in [0, 1]).
-For each training case the Dice of every grid point is computed once (``case_dice_grid``); a
-fold's parameters are the grid point with the highest mean Dice over that fold's training cases
-(``select``); ties go to the earlier scale set, then the lower threshold. The reference count
-includes label voxels outside the brain mask, so the Dice is the true Dice of the segmentation.
+The grid is every filter of the suite (``bank.suite``: a family at one scale set) x that family's
+thresholds. For each training case the Dice of every grid point is computed once from the
+filters' responses (``case_dice_grid``: one response per filter and case, reused for every
+threshold); a fold's choice is the grid point with the highest mean Dice over that fold's
+training cases only (``select``). Ties go to the earlier filter (suite order: Frangi, Sato,
+top-hat; then the scale sets in order), then the lower threshold. The reference count includes
+label voxels outside the brain mask, so the Dice is the true Dice of the segmentation.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-#: sigma sets in mm: PVS are 0.4-3 mm wide (the best sigma for a tube is about its radius)
-DEFAULT_SCALE_SETS: tuple[tuple[float, ...], ...] = ((0.5, 1.0), (0.75, 1.5), (1.0, 2.0), (0.5, 1.0, 1.5, 2.0))
-#: thresholds on the vesselness response
-DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in np.round(np.geomspace(1e-3, 0.95, 40), 6))
+from nnunet_pvs.classical.bank import Filter
 
 
 @dataclass(frozen=True)
-class FrangiParams:
-    sigmas_mm: tuple[float, ...]
+class Choice:
+    filter: Filter
     threshold: float
-    train_dice: float          # mean Dice over the training cases at these parameters
+    train_dice: float          # mean Dice over the training cases at this grid point
     n_train: int
+    family_dice: dict = field(default_factory=dict)   # family -> its best mean training Dice
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"family": self.filter.family, "scales_mm": list(self.filter.scales_mm),
+                "threshold": self.threshold, "train_dice": self.train_dice, "n_train": self.n_train,
+                "family_dice": dict(self.family_dice)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Choice":
+        return cls(Filter(d["family"], tuple(float(s) for s in d["scales_mm"])), float(d["threshold"]),
+                   float(d["train_dice"]), int(d["n_train"]), dict(d.get("family_dice", {})))
 
 
 def dice_at_thresholds(response: np.ndarray, label: np.ndarray, mask: np.ndarray | None,
@@ -47,18 +54,28 @@ def dice_at_thresholds(response: np.ndarray, label: np.ndarray, mask: np.ndarray
 
 
 def case_dice_grid(responses: list[np.ndarray], label: np.ndarray, mask: np.ndarray | None,
-                   thresholds=DEFAULT_THRESHOLDS) -> np.ndarray:
-    """(scale sets x thresholds) Dice of one case; ``responses`` holds one response per scale set."""
-    return np.stack([dice_at_thresholds(r, label, mask, thresholds) for r in responses])
+                   thresholds: list) -> list[np.ndarray]:
+    """One case's Dice at every grid point: per filter (``responses[k]``) one value per threshold
+    of ``thresholds[k]``."""
+    if len(responses) != len(thresholds):
+        raise ValueError(f"{len(responses)} responses but {len(thresholds)} threshold lists")
+    return [dice_at_thresholds(r, label, mask, t) for r, t in zip(responses, thresholds)]
 
 
-def select(grids: list[np.ndarray], scale_sets=DEFAULT_SCALE_SETS, thresholds=DEFAULT_THRESHOLDS) -> FrangiParams:
-    """The grid point with the highest mean Dice over the given (training) cases."""
+def select(grids: list[list[np.ndarray]], filters, thresholds: list) -> Choice:
+    """The grid point with the highest mean Dice over the given (training) cases' grids."""
     if not grids:
         raise ValueError("no training case to tune on")
-    mean = np.mean(np.stack(grids), axis=0)
-    i, j = np.unravel_index(int(np.argmax(mean)), mean.shape)  # argmax: first maximum in C order
-    return FrangiParams(tuple(float(s) for s in scale_sets[i]), float(thresholds[j]), float(mean[i, j]), len(grids))
+    filters = list(filters)
+    means = [np.mean([g[k] for g in grids], axis=0) for k in range(len(filters))]
+    best, family_dice = None, {}
+    for k, (f, m) in enumerate(zip(filters, means)):
+        j = int(np.argmax(m))                      # first maximum: the lower threshold wins a tie
+        family_dice[f.family] = max(family_dice.get(f.family, -1.0), float(m[j]))
+        if best is None or m[j] > means[best[0]][best[1]]:
+            best = (k, j)
+    k, j = best
+    return Choice(filters[k], float(thresholds[k][j]), float(means[k][j]), len(grids), family_dice)
 
 
 def segment(response: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> np.ndarray:

@@ -1,17 +1,18 @@
-"""Frangi vesselness for PVS (Ballerini et al. 2018): scikit-image's ``frangi`` with sigmas in mm.
+"""Hessian vesselness for PVS: scikit-image's ``frangi`` (Ballerini et al. 2018) and ``sato``
+(Sato et al. 1998), with sigmas in mm.
 
 PVS are CSF-filled tubes: bright ridges on T2w, dark on T1w. Data with thick slices (Cai's
 0.69 x 0.69 x 2 mm) are filtered in 2D per slice, because a Hessian across discontinuous slices
 is meaningless; near-isotropic data in 3D. Sigmas are given in mm so one grid suits every
 resolution; they are converted to voxels with the in-plane (2D) or mean (3D) spacing, since
-``frangi`` takes one isotropic sigma in voxels.
+the filters take one isotropic sigma in voxels.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import frangi
+from skimage.filters import frangi, sato
 
 #: spacing ratio (largest / smallest) from which the filter runs per slice along the largest axis
 ANISOTROPY_FOR_2D = 2.0
@@ -66,20 +67,35 @@ def normalise(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return img / scale if scale > 0 else img
 
 
+def per_slice(fn, image: np.ndarray, axis: int | None) -> np.ndarray:
+    """``fn`` on the whole 3D image (``axis`` None) or on each 2D slice along ``axis``."""
+    img = np.asarray(image, np.float32)
+    if axis is None:
+        return np.asarray(fn(img), np.float32)
+    out = np.empty(img.shape, np.float32)
+    for k in range(img.shape[axis]):
+        idx = [slice(None)] * 3
+        idx[axis] = k
+        out[tuple(idx)] = fn(img[tuple(idx)])
+    return out
+
+
 def frangi_response(image: np.ndarray, spacing, sigmas_mm, bright: bool,
                     anisotropy: float = ANISOTROPY_FOR_2D) -> np.ndarray:
     """Vesselness in [0, 1] of a 3D image: per slice along the thick axis, or in 3D.
 
     scikit-image's defaults otherwise (alpha = beta = 0.5, gamma = half the maximum Hessian norm
-    of each image, or slice in 2D)."""
+    of each image, or slice in 2D, at the smallest sigma)."""
     axis = slice_axis(spacing, anisotropy)
     sig = voxel_sigmas(sigmas_mm, spacing, axis)
-    img = np.asarray(image, np.float32)
-    if axis is None:
-        return frangi(img, sigmas=sig, black_ridges=not bright).astype(np.float32)
-    out = np.empty(img.shape, np.float32)
-    for k in range(img.shape[axis]):
-        idx = [slice(None)] * 3
-        idx[axis] = k
-        out[tuple(idx)] = frangi(img[tuple(idx)], sigmas=sig, black_ridges=not bright)
-    return out
+    return per_slice(lambda x: frangi(x, sigmas=sig, black_ridges=not bright), image, axis)
+
+
+def sato_response(image: np.ndarray, spacing, sigmas_mm, bright: bool,
+                  anisotropy: float = ANISOTROPY_FOR_2D) -> np.ndarray:
+    """Sato tubeness (>= 0, in the image's intensity units: the Hessian is scaled by sigma^2),
+    per slice along the thick axis or in 3D. It is the voxel-wise maximum over the sigmas of
+    one-sigma responses, so a scale set's response is the maximum of its sigmas' responses."""
+    axis = slice_axis(spacing, anisotropy)
+    sig = voxel_sigmas(sigmas_mm, spacing, axis)
+    return per_slice(lambda x: sato(x, sigmas=sig, black_ridges=not bright), image, axis)

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nnunet_pvs import metric_registry
 from nnunet_pvs.compare.evaluate import add_evaluation_arguments, evaluation_options
 from nnunet_pvs.compare.run import DEFAULT_FOLDS, CompareOptions, run_compare
+from nnunet_pvs.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--dataset", required=True, help="dataset id or name (e.g. 1 or Dataset001_PVS)")
     p.add_argument("--models", nargs="+", required=True, metavar="TRAINER:CONFIG[:PLANS][@CHECKPOINT]",
                    help="models to compare, e.g. nnUNetTrainerMfNSDe:2d@checkpoint_epoch50.pth nnUNetTrainer:3d_fullres "
-                        "frangi (plans default nnUNetPlans; @final, the default, uses nnU-Net's validation outputs, "
-                        "another checkpoint of the fold folder is re-predicted; frangi: Frangi vesselness tuned on "
-                        "each fold's training subjects)")
+                        "classical (plans default nnUNetPlans; @final, the default, uses nnU-Net's validation outputs, "
+                        "another checkpoint of the fold folder is re-predicted). classical: the best of Frangi, Sato "
+                        "and top-hat filters, with filter, scales and threshold tuned on each fold's training "
+                        "subjects only; classical:sato (or classical:sato,tophat) restricts the suite; frangi = "
+                        "classical:frangi")
     p.add_argument("--baseline", metavar="TRAINER:CONFIG[:PLANS][@CHECKPOINT]",
                    help="model the others are tested against (added to --models if absent; default: the first "
                         "stock nnU-Net model (nnUNetTrainer or a variant such as nnUNetTrainer_budget), else the "
@@ -36,10 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: <output>_predictions)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"),
                    help="device for predictions (--test-set, @checkpoint models, --protocol cai) (default cuda)")
-    p.add_argument("--frangi-ridges", choices=("auto", "bright", "dark"), default="auto",
-                   help="frangi: bright (T2w) or dark (T1w) ridges; auto reads channel 0's name in dataset.json")
-    p.add_argument("--frangi-no-mask", action="store_true",
-                   help="frangi: use the whole image instead of a brain mask derived from it")
+    p.add_argument("--classical-ridges", "--frangi-ridges", dest="frangi_ridges", choices=("auto", "bright", "dark"),
+                   default="auto", help="classical/frangi: look for bright (T2w: white top-hat) or dark (T1w: black "
+                                        "top-hat) ridges; auto reads channel 0's name in dataset.json")
+    p.add_argument("--classical-no-mask", "--frangi-no-mask", dest="frangi_no_mask", action="store_true",
+                   help="classical/frangi: filter and threshold the whole image instead of a brain mask derived "
+                        "from it")
     p.add_argument("--regions", type=Path,
                    help="per-case region maps (as for nnunet-pvs evaluate): adds region-wise tables and tests")
     p.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26, help="cluster connectivity (default 26)")
@@ -82,10 +88,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="nnUNetv2_train -pretrained_weights for one model (e.g. the autoencoder encoder)")
 
 
+def metrics_with_direction(text: str) -> list[str]:
+    """``--metrics`` as a list; a column whose direction the metric registry does not know is refused
+    here, before any work, rather than guessed (a descriptive one is accepted: tabulated, not ranked)."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if metric_registry.lookup(m) is None]
+    if unknown:
+        raise UserError(f"--metrics {','.join(unknown)}: not a known metric, so whether higher or lower is "
+                        "better is unknown (the columns and their directions: docs/evaluation.md, "
+                        "nnunet_pvs/metric_registry.py)")
+    return names
+
+
 def options_from_args(args) -> CompareOptions:
+    extra_metrics = metrics_with_direction(args.metrics)
     evaluation = evaluation_options(argparse.Namespace(**{**vars(args), "protocol": args.eval_protocol}))
     return CompareOptions(
-        evaluation=evaluation, extra_metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+        evaluation=evaluation, extra_metrics=extra_metrics,
         dataset=args.dataset, models=args.models, output=args.output, baseline=args.baseline, folds=args.folds,
         test_set=args.test_set, labels=args.labels, regions=args.regions, predictions_dir=args.predictions_dir,
         device=args.device, connectivity=args.connectivity, match=args.match, n_boot=args.n_boot, seed=args.seed,

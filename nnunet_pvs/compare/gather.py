@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nnunet_pvs.classical.bank import FAMILIES
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 
@@ -22,13 +23,36 @@ NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 FINAL = "final"
 FINAL_CHECKPOINT = "checkpoint_final.pth"
-#: classical baselines accepted as a model name in ``--models``
-CLASSICAL_MODELS = ("frangi",)
+#: classical baselines accepted as a model name in ``--models`` (also ``classical:FAMILY[,FAMILY]``)
+CLASSICAL_MODELS = ("classical", "frangi")
+
+
+def classical_label(text: str) -> str:
+    """Canonical name of a classical spec: ``classical`` (every filter family), ``frangi`` (Frangi
+    only, the name it had before the suite), else ``classical:`` and the families in suite order."""
+    name, colon, rest = text.strip().lower().partition(":")
+    if name == "frangi" and not colon:
+        return "frangi"
+    asked = [f.strip() for f in rest.split(",")] if colon else list(FAMILIES)
+    unknown = [f for f in asked if f not in FAMILIES]
+    if name != "classical" or unknown:
+        raise UserError(f"model '{text}': unknown filter family '{unknown[0] if unknown else rest}'; "
+                        f"classical:FAMILY[,FAMILY] takes {', '.join(FAMILIES)}")
+    families = [f for f in FAMILIES if f in asked]
+    if families == list(FAMILIES):
+        return "classical"
+    return "frangi" if families == ["frangi"] else "classical:" + ",".join(families)
+
+
+def _is_classical_text(text: str) -> bool:
+    low = text.strip().lower()
+    return low in CLASSICAL_MODELS or low.startswith("classical:")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model: ``Trainer:config[:Plans][@checkpoint]``, or a classical baseline (``frangi``).
+    """One model: ``Trainer:config[:Plans][@checkpoint]``, or a classical baseline (``classical``,
+    ``classical:sato,tophat``, ``frangi``; see :func:`classical_label`).
 
     ``@final`` (the default) means nnU-Net's own validation outputs of ``checkpoint_final.pth``;
     any other checkpoint file of the fold folder is re-predicted (``compare.repredict``)."""
@@ -41,13 +65,13 @@ class ModelSpec:
     @classmethod
     def parse(cls, text: str) -> "ModelSpec":
         text = str(text).strip()
-        if text.lower() in CLASSICAL_MODELS:
-            return cls(text.lower(), "", "", FINAL)
+        if _is_classical_text(text):
+            return cls(classical_label(text), "", "", FINAL)
         body, _, chk = text.partition("@")
         parts = body.split(":")
         if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
             raise UserError(f"model '{text}': expected Trainer:config[:Plans][@checkpoint] "
-                            f"(e.g. nnUNetTrainer:3d_fullres) or one of {', '.join(CLASSICAL_MODELS)}")
+                            f"(e.g. nnUNetTrainer:3d_fullres), classical[:FAMILY,...] or frangi")
         chk = chk.strip()
         if "@" in text and not chk:
             raise UserError(f"model '{text}': empty checkpoint after '@' (e.g. @checkpoint_best.pth or @final)")
@@ -61,7 +85,17 @@ class ModelSpec:
 
     @property
     def is_classical(self) -> bool:
-        return self.trainer in CLASSICAL_MODELS
+        return self.trainer in CLASSICAL_MODELS or self.trainer.startswith("classical:")
+
+    @property
+    def classical_families(self) -> tuple[str, ...]:
+        """The filter families of a classical spec (empty for a network)."""
+        if not self.is_classical:
+            return ()
+        if self.trainer == "frangi":
+            return ("frangi",)
+        _, _, rest = self.trainer.partition(":")
+        return tuple(rest.split(",")) if rest else FAMILIES
 
     @property
     def network(self) -> "ModelSpec":
@@ -82,7 +116,9 @@ class ModelSpec:
 
     @property
     def folder_name(self) -> str:
-        return self.trainer if self.is_classical else f"{self.trainer}__{self.plans}__{self.config}"
+        if self.is_classical:
+            return self.trainer.replace(":", "_").replace(",", "+")
+        return f"{self.trainer}__{self.plans}__{self.config}"
 
     @property
     def is_stock(self) -> bool:

@@ -1,11 +1,9 @@
-"""The comparison report: ``report.md``, CSVs and PNGs, written atomically into one folder."""
+"""The comparison report: ``report.md``, CSVs and PNGs, written atomically into one folder that
+only `compare` may replace (:mod:`nnunet_pvs.staging`)."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
-from nnunet_pvs.compare.stats import METRIC_DIRECTION
+from nnunet_pvs.staging import check_output_folder, check_writable_target, earlier_layout, staged_folder
+from nnunet_pvs import metric_registry
 from nnunet_pvs.compare.training_progress import LEARN_FLOOR, MIN_EPOCHS, NOT_LEARNING, RISE_TOL
 
 VOXEL_METRICS = [("dice", "DSC"), ("sensitivity", "SEN"), ("ppv", "PPV")]
@@ -23,6 +22,10 @@ STATS_METRICS = ["dice", "sensitivity", "ppv", "cluster_tpr", "cluster_ppv", "cl
 PLOT_METRICS = STATS_METRICS
 NAMES = dict(VOXEL_METRICS + CLUSTER_METRICS + EXTRA_METRICS)
 REPORT_MARKER = "report.md"
+COMMAND = "compare"
+# a compare report of a version before the ownership marker: its title. Only this, never any
+# report.md: `evaluate` writes one too, and an evaluation must not be taken for an old report.
+EARLIER_REPORT = earlier_layout(REPORT_MARKER, "# nnU-Net model comparison")
 
 
 @dataclass
@@ -43,7 +46,7 @@ class ReportData:
     settings: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     models_table: pd.DataFrame = field(default_factory=pd.DataFrame)   # model, checkpoint, budget, convergence
-    frangi: pd.DataFrame = field(default_factory=pd.DataFrame)         # per fold: chosen scales and threshold
+    classical: pd.DataFrame = field(default_factory=pd.DataFrame)      # per model and fold: chosen filter, threshold
 
 
 # ---------------------------------------------------------------- tables
@@ -69,17 +72,18 @@ def _fmt(v, digits=3) -> str:
 def markdown_grouped(table: pd.DataFrame, models: list[str], metrics: list[tuple[str, str]],
                      bold_best: bool = True, digits: int = 3) -> str:
     """Cai et al. Table 2 layout: one row per subject, metric columns grouped by model, mean/std rows,
-    the best model of each row and metric in bold (not on the std row)."""
+    the best model of each row and metric in bold (not on the std row), in the metric's direction
+    from the metric registry (a descriptive metric is never bolded)."""
     head = ["Subject"] + [f"{m}<br>{short}" for m in models for _, short in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, row in table.iterrows():
         cells = [f"**{case}**" if case in ("mean", "std") else str(case)]
         best = {}
-        if bold_best and case != "std":
+        if bold_best and case != "std" and len(models) > 1:
             for metric, _ in metrics:
-                vals = [round(row[(m, metric)], digits) for m in models if np.isfinite(row[(m, metric)])]
-                if vals and len(models) > 1:
-                    best[metric] = max(vals) if METRIC_DIRECTION.get(metric, True) else min(vals)
+                b = metric_registry.get(metric).best(round(float(row[(m, metric)]), digits) for m in models)
+                if b is not None:
+                    best[metric] = b
         for m in models:
             for metric, _ in metrics:
                 v = row[(m, metric)]
@@ -105,14 +109,31 @@ def _p(v) -> str:
     return f"{v:.2e}" if v < 1e-3 else f"{v:.4f}"
 
 
+def means_markdown(per_case: pd.DataFrame, models: list[str], metrics: list[str], digits: int = 3) -> str:
+    """One row per metric: which way is better (metric registry), its unit and each model's mean over
+    subjects (NaN skipped), the best mean in bold; a descriptive metric is tabulated, never bolded."""
+    lines = ["| Metric | better | unit | " + " | ".join(models) + " |", "|" + "---|" * (3 + len(models))]
+    for metric in metrics:
+        entry = metric_registry.get(metric)
+        means = [float(per_case.loc[per_case["model"] == m, metric].astype(float).mean()) for m in models]
+        best = entry.best(round(v, digits) for v in means) if len(models) > 1 else None
+        cells = [f"`{metric}`", entry.better, entry.unit]
+        for v in means:
+            text = _fmt(v, digits)
+            cells.append(f"**{text}**" if best is not None and np.isfinite(v) and round(v, digits) == best else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def stats_markdown(stats: pd.DataFrame, region: str = "whole") -> str:
     s = stats[stats["region"] == region]
-    lines = ["| Model | Metric | n | baseline median | model median | median Δ [95 % CI] | W | p | p (Holm) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| Model | Metric | better | n | baseline median | model median | median Δ [95 % CI] | W | p | p (Holm) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in s.iterrows():
         sig = " *" if r["significant"] else ""
         lines.append(
-            f"| {r['model']} | {NAMES.get(r['metric'], r['metric'])} | {r['n_pairs']} | {_fmt(r['baseline_median'])} "
+            f"| {r['model']} | {NAMES.get(r['metric'], r['metric'])} | {metric_registry.get(r['metric']).better} "
+            f"| {r['n_pairs']} | {_fmt(r['baseline_median'])} "
             f"| {_fmt(r['model_median'])} | {_fmt(r['median_diff'])} [{_fmt(r['ci95_low'])}, {_fmt(r['ci95_high'])}] "
             f"| {_fmt(r['wilcoxon_W'], 1)} | {_p(r['p'])} | {_p(r['p_holm'])}{sig} |")
     return "\n".join(lines)
@@ -213,16 +234,21 @@ def render_markdown(d: ReportData, plots: bool) -> str:
                 f"epochs, \"undetermined\" with fewer than {MIN_EPOCHS} epochs, and \"{NOT_LEARNING}\" when it "
                 f"never exceeded {LEARN_FLOOR} (the network still predicts background only).", ""]
         mt = d.models_table.rename(columns={
-            "model": "Model", "status": "Status", "checkpoint": "Checkpoint used", "budget": "Budget run",
+            "model": "Model", "status": "Status", "checkpoint": "Checkpoint used (classical: filter chosen)",
+            "budget": "Budget run",
             "convergence": "Convergence", "ema_pseudo_dice_last": "final EMA pseudo Dice (mean of folds)"})
         out += [markdown_table(mt), ""]
-    if not d.frangi.empty:
-        out += ["### frangi: parameters tuned on training folds", "",
-                "Per fold, the scale set and threshold with the highest mean Dice on the fold's training subjects, "
-                "applied unchanged to the subjects it is scored on.", "",
-                markdown_table(d.frangi.rename(columns={
-                    "fold": "Fold", "n_train": "training subjects", "n_targets": "scored subjects",
-                    "sigmas_mm": "sigmas (mm)", "threshold": "threshold", "train_dice": "mean training Dice"})), ""]
+    if not d.classical.empty:
+        best = {c: f"best {c.rsplit('_', 1)[1]}" for c in d.classical.columns if c.startswith("best_train_dice_")}
+        shown = d.classical.assign(threshold=d.classical["threshold"].map(lambda t: f"{t:.4g}"))
+        out += ["### classical: filter, scales and threshold tuned on training folds", "",
+                "Per fold, the filter (family and scales: sigmas, or the top-hat's radius r) and threshold with the "
+                "highest mean Dice on the fold's training subjects only, applied unchanged to the subjects it is "
+                "scored on; *best frangi/sato/tophat*: each family's best mean training Dice.", "",
+                markdown_table(shown.rename(columns={
+                    "model": "Model", "fold": "Fold", "n_train": "training subjects", "n_targets": "scored subjects",
+                    "filter": "filter", "scales_mm": "scales (mm)", "threshold": "threshold",
+                    "train_dice": "mean training Dice", **best})), ""]
     out += ["## Voxel-level results (Cai et al. 2024, Table 2 layout)", "",
             "One row per subject; DSC = Dice, SEN = sensitivity, PPV = positive predictive value; "
             "mean and sample std over subjects; best model per row in bold.", "",
@@ -244,6 +270,14 @@ def render_markdown(d: ReportData, plots: bool) -> str:
         summ.append(row)
     out += [markdown_table(pd.DataFrame(summ)), ""]
     regions = [r for r in d.per_case["region"].unique() if r != "whole"]
+    further = [m for m in str(d.settings.get("extra_metrics", "none")).split(",") if m and m != "none"]
+    if further:
+        out += ["## Further metrics (`--metrics`, mean over subjects)", "",
+                "*better*: each metric's direction from the metric registry; the best mean in bold "
+                "(a descriptive metric is not ranked).", "", means_markdown(whole, d.models, further), ""]
+        for region in regions:
+            out += [f"### Region `{region}`", "",
+                    means_markdown(d.per_case[d.per_case["region"] == region], d.models, further), ""]
     for region in regions:
         reg = d.per_case[d.per_case["region"] == region]
         out += [f"### Region `{region}` (DSC / SEN / PPV / cluster metrics, mean over subjects)", ""]
@@ -258,7 +292,8 @@ def render_markdown(d: ReportData, plots: bool) -> str:
             f"* marks p (Holm) < {s.get('alpha', 0.05)}. Δ = model − baseline: the median paired difference with a "
             f"percentile bootstrap 95 % CI ({s.get('n_boot')} resamples of subjects, seed {s.get('seed')}). "
             "Pairs with a non-finite value (e.g. HD95 of an empty mask) are left out, so n can differ per "
-            "metric. HD95: lower is better.", ""]
+            "metric. *better*: which way each metric improves (the metric registry); a descriptive metric "
+            "(*none*) is tested for a difference only, never called better or worse.", ""]
     if d.stats.empty:
         out += ["(no model besides the baseline)", ""]
     else:
@@ -281,38 +316,25 @@ def render_markdown(d: ReportData, plots: bool) -> str:
             "- `table2_voxel.csv`, `table_cluster.csv`: the tables above (cases, mean, std)",
             "- `stats.csv`: the paired tests; `training_cost.csv`; `folds.csv`: status of every requested fold",
             "- `models.csv`: checkpoint, budget and convergence per model"
-            + ("; `frangi_tuning.csv`: the Frangi parameters per fold" if not d.frangi.empty else ""), ""]
+            + ("; `classical_tuning.csv`: the classical filter chosen per fold" if not d.classical.empty else ""), ""]
     return "\n".join(out) + "\n"
 
 
 def check_output_path(output: Path, what: str = "report folder", report: bool = True) -> None:
-    """Refuse an output that cannot be written, before anything is computed: a file, a foreign
-    non-empty folder (for the report), or a location without write permission."""
+    """Refuse an output that cannot be written, before anything is computed: a file, a non-empty
+    folder another command or the user wrote (for the report), or a location without write
+    permission."""
     output = Path(output).resolve()
-    if output.exists():
-        if not output.is_dir():
-            raise UserError(f"{output}: exists and is not a folder (the {what})")
-        if report and any(output.iterdir()) and not (output / REPORT_MARKER).is_file():
-            raise UserError(f"{output}: folder exists, is not empty and is not a previous compare report; "
-                            "choose another -o")
-        if not os.access(output, os.W_OK | os.X_OK):
-            raise UserError(f"{output}: the {what} is not writable")
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{output}: {parent} is a file, so the {what} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{output}: cannot write the {what} into {parent} (no write permission)")
+    if report:
+        check_output_folder(output, COMMAND, legacy=EARLIER_REPORT, what=what)
+    else:
+        check_writable_target(output, what, want_dir=True)
 
 
 def write_report(output: Path, d: ReportData, plots: bool = True) -> Path:
-    """Everything into a temporary folder next to ``output``, then swapped in with ``os.replace``."""
+    """Everything into a staged folder that then replaces ``output`` as a whole."""
     output = Path(output).resolve()
-    check_output_path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+    with staged_folder(output, COMMAND, legacy=EARLIER_REPORT, what="report folder") as tmp:
         whole = d.per_case[d.per_case["region"] == "whole"]
         d.per_case.to_csv(tmp / "per_case_metrics.csv", index=False)
         for name, metrics in (("table2_voxel.csv", VOXEL_METRICS), ("table_cluster.csv", CLUSTER_METRICS)):
@@ -324,20 +346,10 @@ def write_report(output: Path, d: ReportData, plots: bool = True) -> Path:
         d.cost.to_csv(tmp / "training_cost.csv", index=False)
         d.folds.to_csv(tmp / "folds.csv", index=False)
         d.models_table.to_csv(tmp / "models.csv", index=False)
-        if not d.frangi.empty:
-            d.frangi.to_csv(tmp / "frangi_tuning.csv", index=False)
+        if not d.classical.empty:
+            d.classical.to_csv(tmp / "classical_tuning.csv", index=False)
         if plots:
             plot_boxes(d.per_case, d.models, tmp / "boxplots.png")
             plot_differences(d.per_case, d.models, d.baseline, tmp / "differences.png")
         (tmp / REPORT_MARKER).write_text(render_markdown(d, plots))
-        old = None
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output / REPORT_MARKER

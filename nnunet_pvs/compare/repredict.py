@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
+from nnunet_pvs.staging import clean_leftovers, replace_folder, staging_name
 
 SOURCE = "source.json"
 
@@ -75,7 +76,8 @@ def predict_fold(model_folder: Path, fold: int, checkpoint: str, cases: list[str
                         "pass --device cpu")
     os.environ[ENV_VAR] = ext_trainer_value()  # nnU-Net finds our trainers in this process too
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    clean_leftovers(out_dir.parent, out_dir.name)
+    tmp = staging_name(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -91,9 +93,7 @@ def predict_fold(model_folder: Path, fold: int, checkpoint: str, cases: list[str
         predictor.predict_from_files_sequential(inputs, [str(tmp / c) for c in cases], save_probabilities=False,
                                                 overwrite=True)
         (tmp / SOURCE).write_text(json.dumps(identity))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

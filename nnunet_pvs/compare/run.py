@@ -56,7 +56,7 @@ class CompareOptions:
     geometry_tol: float = 1e-3
     protocol: str = "nnunet"               # nnunet: 5-fold validation; cai: test groups of splits --protocol cai
     frangi_ridges: str = "auto"            # auto (from dataset.json) | bright | dark
-    frangi_mask: bool = True               # restrict the Frangi baseline to a brain mask from the image
+    frangi_mask: bool = True               # restrict the classical filters to a brain mask from the image
     # SLURM scale-out (only with emit_slurm)
     emit_slurm: Path | None = None
     slurm_gpus: int = 1
@@ -215,7 +215,7 @@ def _splits(name: str) -> list[dict]:
     try:
         splits = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} not found: frangi, @checkpoint models and --protocol cai need the folds "
+        raise UserError(f"{path} not found: classical filters, @checkpoint models and --protocol cai need the folds "
                         "(nnunet-pvs splits, or the file nnU-Net writes when it first trains)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
@@ -260,12 +260,14 @@ def _fold_cases(splits: list[dict], fold: int, key: str, name: str) -> list[str]
 def run_compare(opts: CompareOptions) -> Path:
     validate_options(opts)
     specs, base = parse_models(opts)
+    # before anything is read, trained or predicted (and before a SLURM script promises a report there):
+    # a folder another command or the user wrote is refused, not replaced at the end
+    check_output_path(opts.output)
     if opts.emit_slurm is not None:
         from nnunet_pvs.compare.slurm import write_slurm_script
 
         trainable = list(dict.fromkeys(s.network for s in specs if not s.is_classical))
         return write_slurm_script(opts, trainable, base.network)
-    check_output_path(opts.output)
     name = g.resolve_dataset(opts.dataset)
     results_dir = g.env_dir("nnUNet_results") / name
     if not results_dir.is_dir():
@@ -283,6 +285,7 @@ def run_compare(opts: CompareOptions) -> Path:
     if need_repredict or test_mode or any(s.is_classical for s in specs):
         check_output_path(pred_root, what="predictions folder", report=False)
     results = {s: g.gather_model(results_dir, s, folds, need_validation=not (test_mode or cai)) for s in networks}
+    _refuse_unsafe_models(results, folds, predicts=need_repredict or test_mode)
     excluded = {s.label: r.describe_incomplete() for s, r in results.items() if not r.complete}
     if base.label in excluded:
         listing = "\n".join(f"  {lab}: {why}" for lab, why in excluded.items())
@@ -359,18 +362,20 @@ def run_compare(opts: CompareOptions) -> Path:
         case_fold = {c: f for f in folds for c in (targets[f] if targets else [])}
 
     refs = io.list_niftis(ref_dir)
-    frangi_summary = []
+    classical_summary, classical_choice = [], {}
     if frangi_jobs:
         labels_tr = io.list_niftis(raw_dir / "labelsTr") if (raw_dir / "labelsTr").is_dir() else {}
-        settings = classical.FrangiSettings(bright=classical.ridge_polarity(raw_dir, opts.frangi_ridges),
-                                            brain_mask=opts.frangi_mask)
+        bright = classical.ridge_polarity(raw_dir, opts.frangi_ridges)
         for spec in (s for s in usable if s.is_classical):
-            preds[spec.label], frangi_summary = classical.run_frangi(
-                frangi_jobs, images_tr, labels_tr, target_images, refs, pred_root / spec.folder_name, settings, ending)
-        notes.append(f"frangi: scikit-image Frangi vesselness ({'bright' if settings.bright else 'dark'} ridges"
-                     f"{', inside a brain mask from the image' if settings.brain_mask else ''}); scales and threshold "
-                     f"tuned on each fold's training subjects only (mean Dice), applied unchanged to its "
-                     f"{'test' if test_mode or cai else 'validation'} subjects (`frangi_tuning.csv`)")
+            settings = classical.ClassicalSettings(bright, spec.classical_families, brain_mask=opts.frangi_mask)
+            preds[spec.label], rows = classical.run_classical(
+                frangi_jobs, images_tr, labels_tr, target_images, refs, pred_root / spec.folder_name, settings,
+                ending, label=spec.label)
+            classical_summary += [{"model": spec.label, **r} for r in rows]
+            classical_choice[spec.label] = classical.describe_choices(rows)
+        notes.append(f"classical: {classical.describe_suite(bright, opts.frangi_mask)}; per model the filter, scales "
+                     f"and threshold tuned on each fold's training subjects only (mean Dice), applied unchanged to "
+                     f"its {'test' if test_mode or cai else 'validation'} subjects (`classical_tuning.csv`)")
 
     sets = {lab: set(p) for lab, p in preds.items()}
     if len({frozenset(s) for s in sets.values()}) > 1:
@@ -387,7 +392,7 @@ def run_compare(opts: CompareOptions) -> Path:
                      f"not evaluated: {', '.join(unpredicted[:20])}{' ...' if len(unpredicted) > 20 else ''}")
 
     models_table, warnings = describe_models(specs, results, excluded, folds,
-                                             "test" if test_mode else "cai" if cai else "cv")
+                                             "test" if test_mode else "cai" if cai else "cv", classical_choice)
     for w in warnings:
         print(f"compare: WARNING: {w}", file=sys.stderr)
 
@@ -415,7 +420,7 @@ def run_compare(opts: CompareOptions) -> Path:
         title=f"nnU-Net model comparison on {name}", command=shlex.join(opts.compare_argv()), mode=mode,
         dataset=name, reference=ref_dir, baseline=base.label, models=labels, excluded=excluded,
         folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=notes, warnings=warnings,
-        models_table=models_table, frangi=pd.DataFrame(frangi_summary),
+        models_table=models_table, classical=pd.DataFrame(classical_summary),
         settings={"match": str(ev_opts.rule), "connectivity": ev_opts.connectivity, "holm_family": opts.holm_family,
                   "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "protocol": opts.protocol,
                   "eval_protocols": ",".join(ev_opts.protocols) or "none", "nsd_tolerance_mm": ev_opts.nsd_tolerance,
@@ -427,15 +432,31 @@ def run_compare(opts: CompareOptions) -> Path:
     return report
 
 
+def _refuse_unsafe_models(results: dict, folds: list[int], predicts: bool) -> None:
+    """Stop before anything is predicted when a model's checkpoints would need code to load: nnU-Net's
+    predictor opens them with ``weights_only=False`` and would run it (:mod:`nnunet_pvs.safe_files`)."""
+    from nnunet_pvs.safe_files import unsafe_checkpoints
+
+    if not predicts:
+        return
+    problems = [line for spec, r in results.items() for f in folds
+                for line in unsafe_checkpoints(r.folder / f"fold_{f}")]
+    if problems:
+        raise UserError("refusing to predict with a model whose checkpoints would run code when nnU-Net loads "
+                        "them:\n" + "\n".join(f"  {p}" for p in problems))
+
+
 def _checkpoint_epoch(folder: Path, folds: list[int], checkpoint: str) -> str:
     """Epochs completed when ``checkpoint`` was saved (nnU-Net stores ``current_epoch`` + 1), over the folds."""
-    import torch
+    from nnunet_pvs.safe_files import UnsafeFileError, load_checkpoint
 
     epochs = set()
     for f in folds:
         path = folder / f"fold_{f}" / checkpoint
         try:
-            epochs.add(int(torch.load(path, map_location="cpu", weights_only=False)["current_epoch"]))
+            epochs.add(int(load_checkpoint(path)["current_epoch"]))
+        except UnsafeFileError:  # a crafted file is refused, not reported as an unknown epoch
+            raise
         except Exception:  # unreadable or absent: say so rather than guess
             epochs.add(None)
     known = sorted(e for e in epochs if e is not None)
@@ -444,12 +465,15 @@ def _checkpoint_epoch(folder: Path, folds: list[int], checkpoint: str) -> str:
     return str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
 
 
-def describe_models(specs, results, excluded, folds, kind: str) -> tuple[pd.DataFrame, list[str]]:
-    """One row per model (checkpoint, budget run, convergence) and the warnings a reader must see."""
+def describe_models(specs, results, excluded, folds, kind: str,
+                    classical_choice: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """One row per model (checkpoint, budget run, convergence; for a classical model the filters
+    chosen per fold in place of the checkpoint) and the warnings a reader must see."""
     rows, budgets = [], {}
     for s in specs:
         if s.is_classical:
-            rows.append({"model": s.label, "status": "compared", "checkpoint": "-",
+            chosen = (classical_choice or {}).get(s.label, "-")
+            rows.append({"model": s.label, "status": "compared", "checkpoint": chosen,
                          "budget": "tuned on all training cases" if kind == "test" else "tuned on training folds",
                          "convergence": "-", "ema_pseudo_dice_last": math.nan})
             continue

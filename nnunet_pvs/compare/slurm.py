@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.compare import gather as g
+from nnunet_pvs.staging import write_text_atomic
 
 
 def _q(x) -> str:
@@ -183,10 +184,7 @@ def write_slurm_script(opts, specs: list[g.ModelSpec], base: g.ModelSpec) -> Pat
     text = "\n".join(lines) + "\n"
 
     script.parent.mkdir(parents=True, exist_ok=True)
-    tmp = script.with_name(f".{script.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, script)
+    write_text_atomic(script, text, mode=0o755)
     print(f"wrote {script}: {len(train)} training task(s)"
           + (f", {opts.slurm_pred_parts * len(specs)} prediction task(s)" if opts.test_set is not None else "")
           + f", 1 comparison job; submit with: bash {script}")

@@ -3,9 +3,13 @@
 * Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, two-sided, zero differences dropped, exact
   null distribution for small samples as scipy chooses) on the cases where both values are finite;
 * Holm's step-down correction of the p-values over a family of tests (per metric: the models
-  compared to the baseline on that metric; or all tests of the report);
-* median paired difference (model - baseline) with a percentile bootstrap 95 % CI over cases,
-  seeded per (model, metric) so results do not depend on the order of the models.
+  compared to the baseline on that metric; or all tests of the report), by statsmodels'
+  ``multipletests(method="holm")``;
+* median paired difference (model - baseline) with a percentile bootstrap 95 % CI over cases
+  (``scipy.stats.bootstrap``, paired), seeded per (model, metric) so results do not depend on the
+  order of the models;
+* each metric's direction (higher / lower is better, or descriptive) from
+  :mod:`nnunet_pvs.metric_registry`; an unknown metric is refused, never guessed.
 """
 
 from __future__ import annotations
@@ -18,12 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sst
 
-# metric -> True when higher is better
-METRIC_DIRECTION = {
-    "dice": True, "sensitivity": True, "ppv": True,
-    "cluster_tpr": True, "cluster_ppv": True, "cluster_dice": True,
-    "hd95_mm": False, "cluster_hd95_mm": False, "abs_volume_diff_mm3": False,
-}
+from nnunet_pvs import metric_registry
 
 
 def finite_pairs(x, y) -> tuple[np.ndarray, np.ndarray]:
@@ -47,32 +46,39 @@ def wilcoxon_paired(x, y) -> dict:
 
 
 def holm(pvalues) -> np.ndarray:
-    """Holm-adjusted p-values; NaNs are left out of the family and stay NaN."""
+    """Holm-adjusted p-values (statsmodels' ``multipletests``, method ``holm``); NaNs are left out
+    of the family and stay NaN."""
+    from statsmodels.stats.multitest import multipletests  # imported on use: about 1 s
+
     p = np.asarray(pvalues, float)
     out = np.full(p.shape, math.nan)
-    idx = np.flatnonzero(np.isfinite(p))
-    m = len(idx)
-    if m == 0:
-        return out
-    order = idx[np.argsort(p[idx], kind="stable")]
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method="holm")[1]
     return out
 
 
-def bootstrap_median_ci(d, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the median of ``d`` (resampling cases with replacement)."""
-    d = np.asarray(d, float)
-    if len(d) == 0:
+def _median_diff(x, y, axis=-1):
+    return np.median(x - y, axis=axis)
+
+
+def bootstrap_median_diff_ci(x, y, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the median paired difference ``x - y``: cases are resampled with
+    replacement, each keeping its pair (``scipy.stats.bootstrap``, ``paired=True``,
+    ``method="percentile"``). One pair: the CI is its difference; none: NaN. It replaced a
+    hand-written resampler that was not much faster (10 000 resamples: 9 vs 16 ms for 25 cases,
+    41 vs 63 ms for 100, 131 vs 133 ms for 400)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) == 0:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
-    med = np.median(d[idx], axis=1)
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(med, [a, 1.0 - a])
-    return float(lo), float(hi)
+    if len(x) == 1:  # every resample is that one pair (scipy needs two observations)
+        return float(x[0] - y[0]), float(x[0] - y[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # all differences equal: scipy warns, the CI is still that value
+        res = sst.bootstrap((x, y), _median_diff, n_resamples=n_boot, paired=True, vectorized=True,
+                            confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    ci = res.confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def pair_seed(seed: int, model: str, metric: str, region: str = "whole") -> int:
@@ -83,8 +89,12 @@ def paired_tests(per_case: pd.DataFrame, baseline: str, models: list[str], metri
                  n_boot: int = 10000, seed: int = 0, family: str = "metric", alpha: float = 0.05) -> pd.DataFrame:
     """One row per (region, model, metric) for every model other than ``baseline``.
 
-    ``per_case``: long table with columns ``model``, ``case``, ``region`` and the metrics.
+    ``per_case``: long table with columns ``model``, ``case``, ``region`` and the metrics. Each row
+    carries the metric's ``direction`` (``higher``, ``lower`` or ``neither``) and
+    ``higher_is_better`` (empty for a descriptive metric); a metric the registry does not know is
+    an ``UnknownMetric`` error before anything is computed.
     """
+    directions = {m: metric_registry.get(m) for m in metrics}
     rows = []
     for region, sub in per_case.groupby("region", sort=False):
         wide = {m: sub[sub["model"] == m].set_index("case") for m in [baseline, *models]}
@@ -97,10 +107,11 @@ def paired_tests(per_case: pd.DataFrame, baseline: str, models: list[str], metri
                 x, y = finite_pairs(a.to_numpy(), b.to_numpy())
                 w = wilcoxon_paired(x, y) if len(x) else {"n_nonzero": 0, "statistic": math.nan, "p": math.nan}
                 d = x - y
-                lo, hi = bootstrap_median_ci(d, n_boot, pair_seed(seed, model, metric, region))
+                lo, hi = bootstrap_median_diff_ci(x, y, n_boot, pair_seed(seed, model, metric, region))
                 rows.append({
                     "region": region, "model": model, "baseline": baseline, "metric": metric,
-                    "higher_is_better": METRIC_DIRECTION.get(metric, True),
+                    "direction": directions[metric].direction.value,
+                    "higher_is_better": directions[metric].higher_is_better,
                     "n_pairs": len(x), "n_excluded_nonfinite": int(len(a) - len(x)),
                     "n_nonzero_diff": w["n_nonzero"],
                     "model_median": float(np.median(x)) if len(x) else math.nan,

@@ -94,12 +94,14 @@ def _checkpoint_logging(fold_dir: Path) -> tuple[str, dict] | None:
     for name in _CHECKPOINTS:
         path = fold_dir / name
         if path.is_file():
-            try:
-                import torch
+            from nnunet_pvs.safe_files import UnsafeFileError, load_checkpoint
 
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                ckpt = load_checkpoint(path)
                 return name, {"ema": list(map(float, ckpt["logging"]["ema_fg_dice"])),
                               "epoch": int(ckpt["current_epoch"])}
+            except UnsafeFileError:  # a crafted file is refused, not skipped
+                raise
             except Exception:  # a truncated or foreign file: try the next one, then the logs
                 continue
     return None

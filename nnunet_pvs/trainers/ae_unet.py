@@ -83,8 +83,12 @@ def pretrained_weights_problem(path: str, network: nn.Module, run: dict) -> tupl
     x = lambda v: " x ".join(map(str, v))  # noqa: E731
     if not os.path.isfile(path):
         return f"-pretrained_weights {path}: file not found", None
+    from nnunet_pvs.safe_files import UnsafeFileError, load_checkpoint
+
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(path)
+    except UnsafeFileError as e:  # nnU-Net's own loader would run its code: stop before it does
+        return f"-pretrained_weights {e}", None
     except Exception as e:  # not a torch file: pickle, zip and torch raise many types
         return f"-pretrained_weights {path}: cannot be read as a checkpoint ({type(e).__name__}: {e})", None
     weights = ck.get("network_weights") if isinstance(ck, dict) else None

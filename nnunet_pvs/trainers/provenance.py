@@ -33,7 +33,7 @@ def plugin_record(trainer_cls: type) -> dict:
 
     return {"package": "nnunet-pvs", "version": __version__, "trainer": trainer_cls.__name__,
             "module": trainer_cls.__module__,
-            "install": f"pip install nnunet-pvs=={__version__}; eval \"$(nnunet-pvs env)\""}
+            "install": f"pip install <nnunet_pvs-{__version__} wheel or a clone at that version>; eval \"$(nnunet-pvs env)\""}
 
 
 def stop_training(trainer, message: str) -> NoReturn:
@@ -87,12 +87,12 @@ class PluginProvenanceMixin:
 def peek_checkpoint_record(path) -> dict | None:
     """``init_args["nnunet_pvs"]`` of a checkpoint without reading its tensors into memory (``None``
     for checkpoints written without the record)."""
-    import torch
+    from nnunet_pvs.safe_files import load_checkpoint
 
     try:
-        ck = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
+        ck = load_checkpoint(path, mmap=True)
     except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        ck = torch.load(str(path), map_location="cpu", weights_only=False)
+        ck = load_checkpoint(path)
     if not isinstance(ck, dict):
         return None
     return (ck.get("init_args") or {}).get(RECORD_KEY)
