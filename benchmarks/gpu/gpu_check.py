@@ -497,13 +497,13 @@ class Check:
         bundle = Path(args.bundle)
         if not (bundle / "bundle.json").is_file():
             raise CheckError(f"{bundle}/bundle.json not found: run python benchmarks/gpu/prepare.py first")
-        self.manifest = json.loads((bundle / "bundle.json").read_text())
         try:
+            self.manifest = json.loads((bundle / "bundle.json").read_text())
             with np.load(bundle / self.manifest["data"]["file"]) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckError(f"{bundle}: cannot read the data file ({type(e).__name__}: {e})") from e
-        self.cfg2, self.cfg3 = self.manifest["2d"], self.manifest["3d"]
+            self.cfg2, self.cfg3 = self.manifest["2d"], self.manifest["3d"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckError(f"{bundle}: not a bundle made by prepare.py ({type(e).__name__}: {e})") from e
         self.mfns_de, self.ae_unet = import_networks()
         torch.backends.cudnn.benchmark = True  # as nnU-Net's trainer
         self.train = SliceData(arrays, "train", self.device)
@@ -515,7 +515,7 @@ class Check:
                              + (" (DRY RUN on the CPU, tiny scale: figures mean nothing)" if self.dry else ""))
         # seconds out of 480; time a section leaves goes to the next (compile is last: it gets the rest)
         self.budget = Budget(args.budget_s, {"train_step": 60, "train_step_320": 20, "train_step_3d": 25,
-                                              "predict": 15, "training": 120, "compile": 240})
+                                              "predict": 15, "training": 170, "compile": 190})
         self.step_ms: dict[tuple, float] = {}
         self.compile_s: list[float] = []
 
@@ -542,9 +542,12 @@ class Check:
         rec["loss"] = dict(rec["loss"])
         return rec
 
-    def _batch_2d(self, key: str, batch: int, seed: int = 0):
-        sampler = PatchSampler(self.train, self.cfg2["patch_size"], self.cfg2["oversample_foreground"], seed)
-        x, seg = sampler.batch(batch)
+    def _batch_2d(self, key: str, batch: int):
+        """A batch of phantom patches, the same for every model (one sampler, re-seeded)."""
+        if getattr(self, "_sampler", None) is None:
+            self._sampler = PatchSampler(self.train, self.cfg2["patch_size"], self.cfg2["oversample_foreground"], 0)
+        self._sampler.rng = np.random.default_rng(0)
+        x, seg = self._sampler.batch(batch)
         return x, ds_targets(seg, self.cfg2[key]["ds_scales"], self.cfg2[key]["target_downsampling"])
 
     def _batch_random(self, cfg: dict, key: str, batch: int):

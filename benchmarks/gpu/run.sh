@@ -22,7 +22,7 @@ pass=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry=1 ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) pass+=("$arg") ;;
     esac
 done
