@@ -327,7 +327,7 @@ def saved_bytes(trainee: Trainee, x, targets) -> int:
         try:
             s = t.untyped_storage()
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-        except (RuntimeError, NotImplementedError):
+        except Exception:  # noqa: BLE001  tensors without a storage (sparse, nested) are not counted
             pass
         return t
 
@@ -675,12 +675,7 @@ class Check:
             for name, tkey, builder in self.models_2d(cfg):
                 what = (f"2d train step {name} {precision} {'compiled' if compiled else 'eager'}"
                         + ("" if plan == "2d" else f" ({plan} plan)"))
-                if compiled and not self._compile_this(tkey, what):
-                    continue
-                left = self.budget.left(section)
-                need = (self._compile_estimate() if compiled else 3.0)
-                if left < need:
-                    r.skip(f"{what}: {left:.0f} s left in section '{section}', about {need:.0f} s needed")
+                if not self._fits(r, section, what, tkey, compiled, 3.0):
                     continue
                 try:
                     if compiled:
@@ -737,12 +732,7 @@ class Check:
             stock_row = None
             for name, tkey, builder in self.models_3d():
                 what = f"3d train step {name} {precision} {'compiled' if compiled else 'eager'}"
-                if compiled and not self._compile_this(tkey, what):
-                    continue
-                left = self.budget.left(section)
-                need = self._compile_estimate() if compiled else 3.0
-                if left < need:
-                    r.skip(f"{what}: {left:.0f} s left in section '{section}', about {need:.0f} s needed")
+                if not self._fits(r, section, what, tkey, compiled, 3.0):
                     continue
                 try:
                     if compiled:
@@ -776,6 +766,18 @@ class Check:
                     free(self.device)
         r.write("running")
 
+    def _fits(self, r, section: str, what: str, tkey: str, compiled: bool, eager_seconds: float) -> bool:
+        """Whether ``what`` is to be compiled (when asked) and fits the time left in ``section``; if not,
+        the report says why."""
+        if compiled and not self._compile_this(tkey, what):
+            return False
+        left = self.budget.left(section)
+        need = self._compile_estimate() if compiled else eager_seconds
+        if left < need:
+            r.skip(f"{what}: {left:.0f} s left in section '{section}', about {need:.0f} s needed")
+            return False
+        return True
+
     def _compile_this(self, trainer_key: str, what: str) -> bool:
         """The dry run compiles the stock networks only: the code path is the same for every model, and
         tracing MfNS_De on a CPU takes minutes (tests/test_mixed_precision.py checks it compiles)."""
@@ -803,12 +805,7 @@ class Check:
             for name, tkey, builder in self.models_2d():
                 mode = "compiled" if compiled else "eager"
                 what = f"prediction {name} {precision} {mode}"
-                if compiled and not self._compile_this(tkey, what):
-                    continue
-                left = self.budget.left(section)
-                need = self._compile_estimate() if compiled else 2.0
-                if left < need:
-                    r.skip(f"{what}: {left:.0f} s left in section '{section}', about {need:.0f} s needed")
+                if not self._fits(r, section, what, tkey, compiled, 2.0):
                     continue
                 try:
                     if compiled:
