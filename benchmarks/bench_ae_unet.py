@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import peak_bytes  # noqa: E402
 BIN = Path(sys.executable).parent
 
 
@@ -54,13 +56,6 @@ def _write_dataset(raw: Path, size: int, n: int, seed: int = 0) -> Path:
         "channel_names": {"0": "T1w"}, "labels": {"background": 0, "PVS": 1}, "numTraining": n,
         "file_ending": ".nii.gz"}))
     return root
-
-
-def _rss_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
 
 
 def _setup(trainer_name: str, work: str, device: str):
@@ -107,17 +102,11 @@ def _measure_memory(trainer_name: str, work: str, device: str, steps: int, threa
     torch.set_num_threads(threads)
     trainer, batch = _setup(trainer_name, work, device)
     trainer.train_step(batch)  # warm-up: optimiser state exists from here on
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:  # reset the RSS high-water mark
-            fh.write("5")
-        base = _rss_kib("VmRSS") * 1024
-    for _ in range(steps):
-        _step_time(trainer, batch, device)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024) - base
+    def steps_():
+        for _ in range(steps):
+            _step_time(trainer, batch, device)
+
+    peak = peak_bytes(steps_, device)
     q.put({"trainer": trainer_name, "network": type(trainer.network).__name__,
            "patch": list(trainer.configuration_manager.patch_size), "peak_bytes": int(peak),
            "params": int(sum(p.numel() for p in trainer.network.parameters())),

@@ -27,7 +27,7 @@ TRAINERS = ["nnUNetTrainerMfNSDe_budget", "nnUNetTrainerMfNSDe_lite_budget", "nn
 
 
 def main() -> int:
-    from bench_predict import BIN, _run, small_t2w_study  # same folder
+    from common import BIN, run_logged, small_t2w_study  # same folder
 
     from nnunet_pvs.staging import replace_folder, staging_name
 
@@ -51,13 +51,13 @@ def main() -> int:
                 "validation" / "summary.json"
             if done.exists():
                 continue
-            seconds[trainer, fold] = _run([BIN / "nnUNetv2_train", DATASET_ID, "2d", fold, "-tr", trainer,
-                                           "-device", "cpu"], env, logs / f"train_{trainer}_{fold}.log")
+            seconds[trainer, fold] = run_logged([BIN / "nnUNetv2_train", DATASET_ID, "2d", fold, "-tr", trainer,
+                                           "-device", "cpu"], env, logs / f"train_{trainer}_{fold}.log")["wall_s"]
             print(f"{trainer} fold {fold}: {seconds[trainer, fold]:.0f} s", flush=True)
     report = work / "report"
     if report.exists():
         shutil.rmtree(report)
-    _run([BIN / "nnunet-pvs", "compare", "-d", DATASET_ID, "--models", *(f"{t}:2d" for t in TRAINERS),
+    run_logged([BIN / "nnunet-pvs", "compare", "-d", DATASET_ID, "--models", *(f"{t}:2d" for t in TRAINERS),
           "--baseline", f"{TRAINERS[0]}:2d", "--folds", *args.folds, "--regions", dataset / "regions",
           "--device", "cpu", "-o", report], env, logs / "compare.log")
     staged = staging_name(args.out)

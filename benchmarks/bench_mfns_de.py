@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import peak_bytes  # noqa: E402
 
 
 def pvs_like_plans(work: Path) -> tuple[dict, dict]:
@@ -109,13 +111,6 @@ def _setup(name: str, plans: dict, dataset_json: dict, device: str, batch_size: 
     return net, x, targets, loss, step, info
 
 
-def _rss_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def _peak_memory(name, variant, plans, dataset_json, device, batch_size, q) -> None:
     """Child process (its own high-water mark): memory of its FIRST train step above the pre-step RSS.
 
@@ -126,16 +121,7 @@ def _peak_memory(name, variant, plans, dataset_json, device, batch_size, q) -> N
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     *_, step, _info = _setup(name, plans, dataset_json, device, batch_size, variant)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as fh:  # reset the RSS high-water mark
-            fh.write("5")
-        base = _rss_kib("VmRSS") * 1024
-    step()
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kib("VmHWM") * 1024) - base
+    peak = peak_bytes(step, device)
     q.put(int(peak))
 
 

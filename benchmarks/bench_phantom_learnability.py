@@ -22,7 +22,6 @@ Writes ``benchmarks/results/phantom_learnability.md``, ``.csv`` and ``_errors.cs
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -42,19 +41,16 @@ def _first_number(text: str) -> float:
 
 def _plans_copy(pre: Path, batch_size: int) -> str:
     """A copy of the stock plans with only the 2d batch size changed; returns its identifier."""
-    from nnunet_pvs.staging import write_text_atomic
+    from nnunet_pvs.plans_variant import write_plans_variant
 
     name = f"nnUNetPlans_bs{batch_size}"
-    plans = json.loads((pre / "nnUNetPlans.json").read_text())
-    plans["plans_name"] = name
-    plans["configurations"]["2d"]["batch_size"] = batch_size
-    write_text_atomic(pre / f"{name}.json", json.dumps(plans, indent=2))
+    write_plans_variant(pre, name, {"2d": batch_size})
     return name
 
 
 def main() -> int:
     from bench_phantom_difficulty import error_breakdown, network_vs_classical  # same folder
-    from bench_predict import BIN, _run, small_t2w_study
+    from common import BIN, run_logged, small_t2w_study
 
     from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION  # small_t2w_study refuses any other
     from nnunet_pvs.staging import write_text_atomic
@@ -79,8 +75,8 @@ def main() -> int:
     fold_dir = work / "nnUNet_results" / dataset.name / f"{trainer}__{plans}__2d" / f"fold_{args.fold}"
     timing = logs / f"train_fold{args.fold}.seconds"
     if not (fold_dir / "validation" / "summary.json").exists():
-        seconds = _run([BIN / "nnUNetv2_train", DATASET_ID, "2d", args.fold, "-tr", trainer, "-p", plans,
-                        "-device", "cpu"], env, logs / "train.log")
+        seconds = run_logged([BIN / "nnUNetv2_train", DATASET_ID, "2d", args.fold, "-tr", trainer, "-p", plans,
+                        "-device", "cpu"], env, logs / "train.log")["wall_s"]
         write_text_atomic(timing, f"{seconds:.1f}\n")
         print(f"training + nnU-Net's final validation: {seconds:.0f} s", flush=True)
     seconds = float(timing.read_text()) if timing.exists() else None

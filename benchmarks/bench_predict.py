@@ -27,14 +27,13 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BIN, HERE, nnunet_environment, run_logged, write_result  # noqa: E402
+
 
 T2_ID, T1_ID = 961, 962
 #: (dataset id, configuration, trainer, baseline key) per row; the baseline is the row it is divided by
@@ -51,57 +50,6 @@ RATIOS = [  # (model, baseline)
     ((T2_ID, "3d_fullres", "nnUNetTrainer_budget"), (T2_ID, "2d", "nnUNetTrainer_budget")),
     ((T1_ID, "3d_fullres", "nnUNetTrainerAEUNet_budget"), (T1_ID, "3d_fullres", "nnUNetTrainer_budget")),
 ]
-
-
-def _run(args: list, env: dict, log: Path) -> float:
-    """Run one command (output to ``log``); returns its wall time; raises with the log's tail on failure."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run([str(a) for a in args], env=env, stdout=fh, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, args))} exited {proc.returncode}; see {log}:\n"
-                         + log.read_text()[-3000:])
-    return seconds
-
-
-def small_t2w_study(work: Path, dataset_id: int, subjects: int, epochs: int, iterations: int,
-                    val_iterations: int) -> tuple[dict, Path, Path]:
-    """(environment with the budget, log folder, raw dataset folder) of a T2w-like ``--size small``
-    phantom planned for 2d under ``work``; made with the stock commands unless already there, and
-    refused if an older generator made it."""
-    from nnunet_pvs.dataset_conversion.phantom import GENERATOR_VERSION
-
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = _environment(work)
-    env.update(NNUNET_PVS_EPOCHS=str(epochs), NNUNET_PVS_ITERATIONS=str(iterations),
-               NNUNET_PVS_VAL_ITERATIONS=str(val_iterations))
-    raw = work / "nnUNet_raw"
-    if not list(raw.glob(f"Dataset{dataset_id}_*")):
-        _run([BIN / "nnunet-pvs", "phantom", "-d", dataset_id, "--contrast", "T2w", "--size", "small",
-              "--subjects", subjects, "-o", raw], env, logs / "phantom.log")
-    dataset = next(raw.glob(f"Dataset{dataset_id}_*"))
-    made_by = json.loads((dataset / "dataset.json").read_text())["nnunet_pvs"]["phantom"]["generator_version"]
-    if made_by != GENERATOR_VERSION:
-        raise SystemExit(f"{dataset}: made by phantom generator version {made_by}, this is version "
-                         f"{GENERATOR_VERSION}; use another --work-dir or delete {work}")
-    if not (work / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans.json").exists():
-        _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", "2d", "-np", 1], env, logs / "plan.log")
-    return env, logs, dataset
-
-
-def _environment(work: Path) -> dict:
-    from nnunet_pvs.plugin_env import ext_trainer_value
-
-    env = dict(os.environ)
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (work / k).mkdir(parents=True, exist_ok=True)
-        env[k] = str(work / k)
-    env.update(nnUNet_extTrainer=ext_trainer_value(env.get("nnUNet_extTrainer", "")), nnUNet_n_proc_DA="1",
-               nnUNet_def_n_proc="1", nnUNet_compile="f", NNUNET_PVS_EPOCHS="1", NNUNET_PVS_ITERATIONS="1",
-               NNUNET_PVS_VAL_ITERATIONS="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return env
 
 
 #: nnUNetv2_train's steps up to checkpoint_final.pth, without its final validation (a fresh process:
@@ -123,11 +71,11 @@ def prepare(work: Path, env: dict, subjects: int, logs: Path) -> None:
     raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
     for dataset_id, contrast, configs in ((T2_ID, "T2w", ["2d", "3d_fullres"]), (T1_ID, "T1w", ["3d_fullres"])):
         if not list(raw.glob(f"Dataset{dataset_id:03d}_*")):
-            _run([BIN / "nnunet-pvs", "phantom", "-d", dataset_id, "--contrast", contrast, "--size", "full",
+            run_logged([BIN / "nnunet-pvs", "phantom", "-d", dataset_id, "--contrast", contrast, "--size", "full",
                   "--subjects", 2, "--test", subjects, "-o", raw], env, logs / f"phantom_{dataset_id}.log")
         plans_file = pre / _dataset_folder(raw, dataset_id).name / "nnUNetPlans.json"
         if not plans_file.exists():
-            _run([BIN / "nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configs, "-np", 1],
+            run_logged([BIN / "nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", *configs, "-np", 1],
                  env, logs / f"plan_{dataset_id}.log")
         ds_pre = pre / _dataset_folder(raw, dataset_id).name
         cases = sorted(p.name[:-len(".nii.gz")] for p in (_dataset_folder(raw, dataset_id) / "labelsTr").glob("*.nii.gz"))
@@ -136,7 +84,7 @@ def prepare(work: Path, env: dict, subjects: int, logs: Path) -> None:
     for dataset_id, config, trainer in MODELS:
         fold = results / _dataset_folder(raw, dataset_id).name / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
         if not (fold / "checkpoint_final.pth").exists():
-            _run([sys.executable, "-c", _TRAIN_WITHOUT_FINAL_VALIDATION, dataset_id, config, trainer],
+            run_logged([sys.executable, "-c", _TRAIN_WITHOUT_FINAL_VALIDATION, dataset_id, config, trainer],
                  env, logs / f"train_{dataset_id}_{config}_{trainer}.log")
 
 
@@ -145,12 +93,11 @@ def predict_seconds(env: dict, model: tuple, out: Path, tta: bool, log: Path) ->
     images = _dataset_folder(Path(env["nnUNet_raw"]), dataset_id) / "imagesTs"
     if out.exists():
         shutil.rmtree(out)
-    return _run([BIN / "nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset_id, "-c", config, "-tr", trainer,
-                 "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, *([] if tta else ["--disable_tta"])], env, log)
+    return run_logged([BIN / "nnUNetv2_predict", "-i", images, "-o", out, "-d", dataset_id, "-c", config, "-tr", trainer,
+                 "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, *([] if tta else ["--disable_tta"])], env, log)["wall_s"]
 
 
 def main() -> int:
-    from nnunet_pvs.staging import write_text_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=1, help="test subjects predicted per call (default 1)")
@@ -164,7 +111,7 @@ def main() -> int:
     work = args.work_dir.resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = _environment(work)
+    env = nnunet_environment(work)
     prepare(work, env, args.subjects, logs)
     best: dict[tuple, float] = {}
     for r in range(args.rounds):
@@ -207,11 +154,7 @@ def main() -> int:
         lines.append(f"| {model[2]} {model[1]} / {base[2]} {base[1]} ({'T2w' if model[0] == T2_ID else 'T1w'}) | "
                      f"{per_subject[model] / per_subject[base]:.2f}x |")
     lines.append("")
-    args.out.mkdir(parents=True, exist_ok=True)
-    dest = args.out / "predict_cpu.md"
-    write_text_atomic(dest, "\n".join(lines))
-    print("\n".join(lines))
-    print(f"written {dest}")
+    write_result(args.out / "predict_cpu.md", lines)
     return 0
 
 

@@ -28,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace a different phantom dataset with the same id (another command's dataset, "
                         "or one made by hand, is never replaced)")
+    p.add_argument("--follow-up", action="store_true",
+                   help="also write, for every labelled subject, a follow-up visit with known PVS changes "
+                        "(enlarged, shrunk, new, vanished), head motion and new noise under <dataset>/visits/, "
+                        "with changes_truth.csv and motion.csv (docs/data.md)")
+    p.add_argument("--rescan", action="store_true",
+                   help="also write a same-session rescan of every labelled subject: head motion and new noise, "
+                        "no change (the noise floor of a change measurement)")
     p.add_argument("--preview", nargs="?", const=True, default=False, metavar="PNG",
                    help="also write a PNG of axial slices with the mask overlay (default <dataset>/preview.png)")
 
@@ -38,7 +45,9 @@ def run(args) -> int:
     t0 = time.time()
     folder = make_phantom_dataset(raw_root(args.raw), args.dataset_id, args.name, contrast=args.contrast,
                                   n_subjects=args.subjects, size=args.size, seed=args.seed,
-                                  n_unlabeled=args.unlabeled, n_test=args.test, force=args.force)
+                                  n_unlabeled=args.unlabeled, n_test=args.test, force=args.force,
+                                  visits=tuple(v for v, on in (("follow_up", args.follow_up),
+                                                               ("rescan", args.rescan)) if on))
     print(f"{folder} ({time.time() - t0:.1f} s)")
     if args.preview:
         from nnunet_pvs.dataset_conversion.preview import write_preview

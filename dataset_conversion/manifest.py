@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from nnunet_pvs.errors import UserError
-from nnunet_pvs.dataset_conversion.tables import read_table
+from nnunet_pvs.tables import read_table
 from nnunet_pvs.dataset_conversion.validation import NIFTI_SUFFIXES, Subject
 
 RESERVED_COLUMNS = ("id", "mask", "regions", "split")

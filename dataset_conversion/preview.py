@@ -11,11 +11,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from nnunet_pvs import aseg
 from nnunet_pvs.staging import write_file_atomic
 
 
 # aseg label pairs (left, right) -> one colour per structure, both hemispheres alike
-_CATEGORIES = [(2, 41), (3, 42), (4, 43, 24), (10, 49), (11, 50), (12, 51), (13, 52), (26, 58)]
+_CATEGORIES = [aseg.STRUCTURES[s] for s in ("cerebral_white_matter", "cortex", "lateral_ventricle", "thalamus",
+                                             "caudate", "putamen", "pallidum", "accumbens")]
+_CATEGORIES[2] = _CATEGORIES[2] + aseg.STRUCTURES["csf"]  # ventricles and extra-ventricular CSF alike
 
 
 def _categories(lab: np.ndarray) -> np.ndarray:

@@ -21,16 +21,10 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-# one definition of the regions, shared with region-wise evaluation
-from nnunet_pvs.evaluation.regions import ASEG_BASAL_GANGLIA as BASAL_GANGLIA
-from nnunet_pvs.evaluation.regions import ASEG_WHITE_MATTER as WHITE_MATTER
-
-# every aseg/SynthSeg map of a brain has these (left/right cerebral white matter): their absence
-# means a binary mask or a map in another numbering, whose BG/WM masks would be silently empty
-CEREBRAL_WHITE_MATTER = (2, 41)
-PALLIDUM = (13, 52)
-PUTAMEN = (12, 51)
-LATERAL_VENTRICLES = (4, 43)
+# one vocabulary (nnunet_pvs.aseg), shared with region-wise evaluation. Every aseg/SynthSeg map of a brain
+# has cerebral white matter: its absence means a binary mask or a map in another numbering, whose BG/WM
+# masks would be silently empty
+from nnunet_pvs.aseg import BASAL_GANGLIA, CEREBRAL_WHITE_MATTER, LATERAL_VENTRICLES, PALLIDUM, PUTAMEN, WHITE_MATTER
 CSO_ABOVE_VENTRICLES_MM = 10.0
 
 

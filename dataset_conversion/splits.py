@@ -24,7 +24,7 @@ import pandas as pd
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.staging import check_writable_target, clean_leftovers, sigterm_raises, write_texts_atomic
-from nnunet_pvs.dataset_conversion.tables import read_table
+from nnunet_pvs.tables import read_table
 
 PVS_LOAD_COLUMN = "pvs_voxels"
 

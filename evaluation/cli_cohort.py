@@ -9,15 +9,13 @@ visual rating (ordinal logistic regression) and a second cohort (Kolmogorov-Smir
 from __future__ import annotations
 
 import argparse
-import sys
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
-from nnunet_pvs.dataset_conversion.tables import read_table
+from nnunet_pvs.tables import read_table
+from nnunet_pvs.case_loop import map_cases
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
@@ -135,17 +133,8 @@ def _counts(source: Path, region_dir, cohort: str, args, sizes) -> pd.DataFrame:
     preds = io.gather_predictions(source)
     jobs = [(c, f, region_dir, cohort, args.threshold, args.connectivity, sizes, set(preds))
             for c, f in sorted(preds.items())]
-    rows = []
-    with tqdm(total=len(jobs), desc=f"count {cohort}", unit="case", file=sys.stderr) as bar:
-        if args.num_processes > 1:
-            with get_context("fork").Pool(min(args.num_processes, len(jobs))) as pool:
-                for r in pool.imap(_count_one, jobs):
-                    rows += r
-                    bar.update()
-        else:
-            for job in jobs:
-                rows += _count_one(job)
-                bar.update()
+    rows = [row for r in map_cases(_count_one, jobs, processes=args.num_processes, desc=f"count {cohort}")
+            for row in r]
     return pd.DataFrame(rows, columns=COUNT_COLUMNS)
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
+from nnunet_pvs.case_loop import map_cases
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.case import REGION_MODES, Options, evaluate_case
@@ -218,18 +217,7 @@ def run(args) -> int:
             raise UserError(f"--truth {tdir}: no truth label for {', '.join(lacking[:10])}")
     jobs = [(c, refs[c], preds[c], args.regions, opts, args.binary, args.geometry_tol, truths.get(c), case_ids)
             for c in both]
-    results = []
-    # closed before any error propagates, so the error line never lands on an unfinished bar
-    with tqdm(total=len(jobs), desc="evaluate", unit="case", file=sys.stderr) as progress:
-        if args.num_processes > 1:
-            with get_context("fork").Pool(min(args.num_processes, len(jobs))) as pool:
-                for r in pool.imap(_one_case, jobs):
-                    results.append(r)
-                    progress.update()
-        else:
-            for job in jobs:
-                results.append(_one_case(job))
-                progress.update()
+    results = map_cases(_one_case, jobs, processes=args.num_processes, desc="evaluate")
     frames = {k: pd.DataFrame([row for r in results for row in r[k]])
               for k in ("per_case", "thresholds", "cluster_sizes", "size_pairs", "size_groups")}
     frames["inputs"] = pd.DataFrame([r["input"] for r in results])

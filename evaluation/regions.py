@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_pvs import aseg
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation.io import NIFTI_SUFFIXES, Volume, as_binary, read_nifti
 
-# aseg labels: thalamus, caudate, putamen, pallidum, accumbens, left (10-13, 26) and right (49-52, 58)
-ASEG_BASAL_GANGLIA = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)
-# cerebral white matter, left and right (the basal ganglia are separate labels in aseg), and the
-# white-matter hypointensities FreeSurfer/SynthSeg label inside it (77, and 78/79 left/right)
-ASEG_WHITE_MATTER = (2, 41, 77, 78, 79)
+# aseg labels (nnunet_pvs.aseg): thalamus, caudate, putamen, pallidum, accumbens, both sides; cerebral
+# white matter with the white-matter hypointensities FreeSurfer/SynthSeg label inside it
+ASEG_BASAL_GANGLIA = aseg.BASAL_GANGLIA
+ASEG_WHITE_MATTER = aseg.WHITE_MATTER
 
 
 def masks_from_label_map(data: np.ndarray) -> dict[str, np.ndarray]:

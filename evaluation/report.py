@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nnunet_pvs import tables
 from nnunet_pvs.staging import earlier_layout, staged_folder
 from nnunet_pvs.evaluation.sweeps import pool_cluster_sizes, size_agreement
 
@@ -25,9 +26,8 @@ TABLE_METRICS = ["dice", "sensitivity", "ppv", "cluster_tpr", "cluster_ppv", "cl
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    """One evaluation table as CSV (no index, 10 significant digits). Callers write into the staging
-    folder of ``staged_folder``, which makes the whole output appear at once."""
-    df.to_csv(path, index=False, float_format="%.10g")
+    """One evaluation table as CSV (10 significant digits), into the staging folder of ``staged_folder``."""
+    tables.write_csv(df, path, digits=10)
 
 
 def metric_columns(per_case: pd.DataFrame) -> list[str]:

@@ -22,7 +22,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-autoencoder": ("nnunet_pvs.pretrain_autoencoder", "pretrain the Boutinaud autoencoder on unlabelled images; writes -pretrained_weights for nnUNetTrainerAEUNet"),
     "evaluate": ("nnunet_pvs.evaluation.cli_evaluate", "PVS metrics of predictions vs reference labels: voxel, cluster, HD95, sweeps, regions"),
     "evaluate-cohort": ("nnunet_pvs.evaluation.cli_cohort", "cohort statistics of PVS cluster counts: visual counts, ratings, two-cohort KS test"),
+    "check-inputs": ("nnunet_pvs.input_check.cli", "new scans against what a trained model saw: spacing, orientation, intensity, contrast, brain extraction; ok / warn / refuse per scan"),
     "census": ("nnunet_pvs.census.cli", "PVS burden of new scans from nnU-Net predictions: per-cluster shape, per-region counts, QC report"),
+    "change": ("nnunet_pvs.change.cli", "PVS change between two visits, cluster by cluster: registration, tracks, new/enlarged/shrunk/vanished"),
     "demo": ("nnunet_pvs.demo", "the whole project on the bundled synthetic data: phantom, plan, train, compare"),
     "compare": ("nnunet_pvs.compare.cli", "head-to-head comparison of nnU-Net models on identical cases: Table-2 report, paired stats, SLURM scale-out"),
 }

@@ -2,27 +2,37 @@
 
 Stages (each prints the command it runs and logs its output under ``WORK/logs``):
 
-1. ``nnunet-pvs phantom``: a T2w-like dataset (0.69 x 0.69 x 2 mm, for MfNS_De) and a T1w-like one
-   (1 mm, with unlabelled scans for the autoencoder), each with held-out test subjects;
-2. ``nnUNetv2_plan_and_preprocess`` for the configurations the models need;
+1. ``nnunet-pvs phantom``: a T2w-like dataset (0.69 x 0.69 x 2 mm, for MfNS_De) with held-out test
+   subjects (with ``--with-3d``, also a T1w-like one, 1 mm, with unlabelled scans for the autoencoder);
+2. ``nnUNetv2_plan_and_preprocess`` for the configurations the models need, and on a CPU a copy of
+   the plans with stock nnU-Net 2d at batch 2 (``nnunet_pvs.plans_variant``);
 3. ``nnunet-pvs splits``: 5 folds, age-balanced for T2w (Cai et al.), PVS-load-balanced for T1w
    (Boutinaud et al.);
-4. ``nnunet-pvs pretrain-autoencoder`` on the unlabelled T1w scans;
-5. ``nnUNetv2_train`` of every model on the same folds with the same budget: MfNS_De (2d), stock
-   nnU-Net (2d and 3d_fullres) on T2w; the autoencoder U-Net (with the pretrained encoder) and
-   stock nnU-Net 3d_fullres on T1w;
+4. (``--with-3d``) ``nnunet-pvs pretrain-autoencoder`` on the unlabelled T1w scans;
+5. ``nnUNetv2_train`` of every model on the same fold with the same number of iterations: MfNS_De (2d,
+   batch 4 as the paper) and stock nnU-Net 2d on T2w; with ``--with-3d`` also stock 3d_fullres on T2w,
+   and the autoencoder U-Net (pretrained encoder) and stock 3d_fullres on T1w;
 6. ``nnunet-pvs compare`` of the cross-validation predictions, one report per dataset, with the
    classical suite (the best of Frangi, Sato and top-hat, with filter, scales and threshold tuned on
    each fold's training subjects) as the classical row;
 7. ``nnUNetv2_predict`` of the T2w test subjects with MfNS_De and ``nnunet-pvs census`` of them:
    what a user does with new scans.
 
+Why the default is 2D only on a CPU: the demo should teach, so its time goes where models learn. On 2
+CPU cores the 3D models (stock 3d_fullres, the AE U-Net) predict background only after the few hundred
+iterations 20 minutes allow (earlier demo runs: Dice 0.000 and 0.021), and stock nnU-Net 2d at its
+planned batch did too; at batch 2 it learns the phantom within minutes
+(benchmarks/results/phantom_learnability.md). ``--with-3d`` adds the 3D half and says what it costs.
+
+Device: CUDA when PyTorch sees a GPU (``--device`` overrides), with a budget sized for about 20 minutes
+on one current GPU, assuming nnU-Net's reported A100 speed (about 40-51 s per 250 iterations, 2d and
+3d_fullres): the small phantom, both halves, 20 epochs x 100 iterations per model.
+
 The nnU-Net folders live inside the work folder, never the user's own. Re-running resumes:
 finished stages are skipped (a stage is finished when its marker or nnU-Net's
-``checkpoint_final.pth`` exists). The default budget fits 20 minutes on 2 CPU cores: one fold,
-tiny crops, a few hundred iterations per model; ``--full`` runs the papers' protocol (1000 epochs x
-250 iterations, five folds, whole-brain phantom, MfNS_De scored at epoch 50 and the AE U-Net at its
-lowest validation loss) and wants a GPU.
+``checkpoint_final.pth`` exists). ``--full`` runs the papers' protocol (1000 epochs x 250 iterations,
+five folds, whole-brain phantom, MfNS_De scored at epoch 50 and the AE U-Net at its lowest validation
+loss) and wants a GPU.
 """
 
 from __future__ import annotations
@@ -45,11 +55,18 @@ T2W_NAME, T1W_NAME = "PVSPhantomT2w", "PVSPhantomT1w"
 DATASET_NAMES = {T2W_ID: T2W_NAME, T1W_ID: T1W_NAME}
 
 
+def default_device() -> str:
+    """``cuda`` when PyTorch sees a GPU, else ``cpu`` (the demo's default device)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class DemoSettings:
     """Everything that determines the demo's results; stored in the work folder to make resuming safe."""
 
-    # default: about 20 minutes on 2 CPU cores. nnU-Net's per-run start-up and validation cost
+    # default: at most 20 minutes on 2 CPU cores. nnU-Net's per-run start-up and validation cost
     # the same whatever the budget, so one fold trained longer says more than five folds that
     # learn nothing.
     size: str = "tiny"
@@ -57,24 +74,39 @@ class DemoSettings:
     test: int = 3
     unlabeled: int = 8
     folds: list[int] = field(default_factory=lambda: [0])
-    epochs: int | None = 10
-    iterations: int | None = 20
+    epochs: int | None = 16
+    iterations: int | None = 25
     val_iterations: int | None = 4
     ae_epochs: int = 3
     ae_iterations: int = 20
     device: str = "cpu"
     seed: int = 0
     full: bool = False
+    with_3d: bool = False             # the 3D half: stock 3d_fullres on T2w, the T1w dataset and its models
+    stock_2d_batch: int | None = 2    # stock nnU-Net 2d batch size (None: the plan's)
+
+    @property
+    def stock_2d_plans(self) -> str:
+        return f"nnUNetPlans_bs{self.stock_2d_batch}" if self.stock_2d_batch else "nnUNetPlans"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DemoSettings":
+        device = args.device or default_device()
         s = cls()
+        if device == "cuda":  # about 20 minutes on one current GPU (module docstring)
+            s = cls(size="small", epochs=20, iterations=100, val_iterations=10, ae_epochs=10, ae_iterations=100,
+                    device="cuda", with_3d=True, stock_2d_batch=None)
         if args.tiny:
             s = cls(size="tiny", subjects=6, test=1, unlabeled=3, folds=[0], epochs=2, iterations=2, val_iterations=1,
-                    ae_epochs=1, ae_iterations=2)
+                    ae_epochs=1, ae_iterations=2, device=device)
         if args.full:
             s = cls(size="full", subjects=20, test=5, unlabeled=20, folds=[0, 1, 2, 3, 4], epochs=None,
-                    iterations=None, val_iterations=None, ae_epochs=100, ae_iterations=250, device="cuda", full=True)
+                    iterations=None, val_iterations=None, ae_epochs=100, ae_iterations=250, device="cuda", full=True,
+                    with_3d=True, stock_2d_batch=None)
+        if args.with_3d:
+            s.with_3d = True
+        if args.stock_batch is not None:
+            s.stock_2d_batch = args.stock_batch or None
         for key in ("size", "subjects", "test", "unlabeled", "folds", "epochs", "iterations", "device", "seed"):
             if getattr(args, key, None) is not None:
                 setattr(s, key, getattr(args, key))
@@ -116,7 +148,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", type=int, help="held-out test subjects per dataset, for the census (default 3)")
     p.add_argument("--unlabeled", type=int, help="unlabelled T1w scans for the autoencoder (default 8)")
     p.add_argument("--size", choices=("tiny", "small", "full"), help="phantom size (default tiny: crops of the basal ganglia and corona radiata)")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="training device (default cpu; --full: cuda)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"),
+                   help="training device (default: cuda when PyTorch sees a GPU, else cpu; --full: cuda)")
+    p.add_argument("--with-3d", action="store_true",
+                   help="also the 3D half: stock 3d_fullres on T2w, and on a T1w-like dataset the autoencoder "
+                        "pretraining, the AE U-Net and stock 3d_fullres (default on a GPU; on 2 CPU cores it "
+                        "adds about 10 minutes and at the CPU budget the 3D models do not learn yet)")
+    p.add_argument("--stock-batch", type=int, metavar="B",
+                   help="batch size of stock nnU-Net 2d (default 2 on a CPU, at which it learns the phantom within "
+                        "the budget; 0 = the plan's; the GPU and --full default)")
     p.add_argument("--seed", type=int, help="phantom seed (default 0)")
     p.add_argument("--restart", action="store_true",
                    help="delete the work folder first (only a demo's own: any other folder is refused)")
@@ -188,17 +228,29 @@ class Demo:
     # ---------------------------------------------------------------- models
     def models(self) -> list[dict]:
         t, c = self.s.trainer, self.s.checkpoint
-        return [
-            {"dataset": T2W_ID, "trainer": t("nnUNetTrainerMfNSDe"), "config": "2d", "at": c("nnUNetTrainerMfNSDe")},
-            {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "2d", "at": ""},
-            {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres", "at": ""},
-            {"dataset": T1W_ID, "trainer": t("nnUNetTrainerAEUNet"), "config": "3d_fullres",
-             "pretrained": self.work / "ae_init.pth", "at": c("nnUNetTrainerAEUNet")},
-            {"dataset": T1W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres", "at": ""},
+        plans = "nnUNetPlans"
+        models = [
+            {"dataset": T2W_ID, "trainer": t("nnUNetTrainerMfNSDe"), "config": "2d", "plans": plans,
+             "at": c("nnUNetTrainerMfNSDe")},
+            {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "2d", "plans": self.s.stock_2d_plans, "at": ""},
         ]
+        if self.s.with_3d:
+            models += [
+                {"dataset": T2W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres", "plans": plans, "at": ""},
+                {"dataset": T1W_ID, "trainer": t("nnUNetTrainerAEUNet"), "config": "3d_fullres", "plans": plans,
+                 "pretrained": self.work / "ae_init.pth", "at": c("nnUNetTrainerAEUNet")},
+                {"dataset": T1W_ID, "trainer": t("nnUNetTrainer"), "config": "3d_fullres", "plans": plans, "at": ""},
+            ]
+        return models
+
+    @staticmethod
+    def spec(m: dict) -> str:
+        """The model as ``nnunet-pvs compare --models`` names it."""
+        plans = f":{m['plans']}" if m["plans"] != "nnUNetPlans" else ""
+        return f"{m['trainer']}:{m['config']}{plans}{m['at']}"
 
     def fold_done(self, m: dict, fold: int) -> bool:
-        folder = self.res / self.dataset_folder(m["dataset"]) / f"{m['trainer']}__nnUNetPlans__{m['config']}"
+        folder = self.res / self.dataset_folder(m["dataset"]) / f"{m['trainer']}__{m['plans']}__{m['config']}"
         return (folder / f"fold_{fold}" / "checkpoint_final.pth").exists()
 
     # ---------------------------------------------------------------- main
@@ -208,56 +260,76 @@ class Demo:
         s, nnunet_pvs = self.s, self.bin / "nnunet-pvs"
         budget = ("the papers' budgets (1000 epochs x 250 iterations; autoencoder 100 x 250); MfNS_De scored at "
                   "epoch 50, the AE U-Net at its lowest validation loss" if s.full else
-                  f"{s.epochs} epochs x {s.iterations} iterations per model, autoencoder {s.ae_epochs} x "
-                  f"{s.ae_iterations}, fold(s) {s.folds}: a CPU budget, far below the papers' 1000 x 250; the "
-                  "report says per model whether training had converged")
+                  f"{s.epochs} epochs x {s.iterations} iterations per model"
+                  + (f", autoencoder {s.ae_epochs} x {s.ae_iterations}" if s.with_3d else "")
+                  + f", fold(s) {s.folds}; MfNS_De at batch 4 (the paper's), stock nnU-Net 2d at "
+                  + (f"batch {s.stock_2d_batch} (plans {s.stock_2d_plans})" if s.stock_2d_batch else "its plan's batch")
+                  + f": a {s.device.upper()} budget, far below the papers' 1000 x 250; the report says per model "
+                  "whether training had converged")
         self.log(f"work folder {self.work}; phantom size {s.size}, {s.subjects} subjects per dataset, "
                  f"folds {s.folds}, device {s.device}")
         self.log(f"budget: {budget}")
 
         common = ["--size", s.size, "--subjects", s.subjects, "--test", s.test, "--seed", s.seed, "-o", self.raw]
+        t1w = s.with_3d
         self.stage("1_phantom", "1/7 synthetic PVS data", [
             ([nnunet_pvs, "phantom", "-d", T2W_ID, "-n", T2W_NAME, "--contrast", "T2w", *common, "--preview",
               self.work / "preview_T2w.png"], "phantom_T2w"),
+        ] + ([
             ([nnunet_pvs, "phantom", "-d", T1W_ID, "-n", T1W_NAME, "--contrast", "T1w", *common,
               "--unlabeled", s.unlabeled, "--preview", self.work / "preview_T1w.png"], "phantom_T1w"),
-        ])
+        ] if t1w else []))
+        t2w_configs = ["2d", "3d_fullres"] if s.with_3d else ["2d"]
         self.stage("2_plan", "2/7 plan and preprocess", [
-            ([self.bin / "nnUNetv2_plan_and_preprocess", "-d", T2W_ID, "-c", "2d", "3d_fullres", "-np", 1, 1, "-npfp", 2,
-              "--verify_dataset_integrity"], "plan_T2w"),
+            ([self.bin / "nnUNetv2_plan_and_preprocess", "-d", T2W_ID, "-c", *t2w_configs, "-np",
+              *[1] * len(t2w_configs), "-npfp", 2, "--verify_dataset_integrity"], "plan_T2w"),
+        ] + ([
             ([self.bin / "nnUNetv2_plan_and_preprocess", "-d", T1W_ID, "-c", "3d_fullres", "-np", 1, "-npfp", 2,
               "--verify_dataset_integrity"], "plan_T1w"),
-        ])
+        ] if t1w else []))
+        if s.stock_2d_batch:
+            from nnunet_pvs.plans_variant import write_plans_variant
+
+            write_plans_variant(self.pre / self.dataset_folder(T2W_ID), s.stock_2d_plans, {"2d": s.stock_2d_batch})
         self.stage("3_splits", "3/7 stratified folds", [
             ([nnunet_pvs, "splits", "-d", T2W_ID, "--by", "age", "--seed", s.seed], "splits_T2w"),
+        ] + ([
             ([nnunet_pvs, "splits", "-d", T1W_ID, "--by", "pvs_load", "--seed", s.seed], "splits_T1w"),
-        ])
-        self.stage("4_pretrain", "4/7 autoencoder pretraining", [
-            ([nnunet_pvs, "pretrain-autoencoder", "-d", T1W_ID, "-c", "3d_fullres",
-              "--unlabeled", self.dataset_dir(T1W_ID) / "imagesUnlabeled", "-o", self.work / "ae_init.pth",
-              "--epochs", s.ae_epochs, "--iterations", s.ae_iterations, "--val-iterations", max(1, s.ae_iterations // 4),
-              "--device", s.device, "--seed", s.seed], "pretrain_autoencoder"),
-        ])
+        ] if t1w else []))
+        if t1w:
+            self.stage("4_pretrain", "4/7 autoencoder pretraining", [
+                ([nnunet_pvs, "pretrain-autoencoder", "-d", T1W_ID, "-c", "3d_fullres",
+                  "--unlabeled", self.dataset_dir(T1W_ID) / "imagesUnlabeled", "-o", self.work / "ae_init.pth",
+                  "--epochs", s.ae_epochs, "--iterations", s.ae_iterations, "--val-iterations",
+                  max(1, s.ae_iterations // 4), "--device", s.device, "--seed", s.seed], "pretrain_autoencoder"),
+            ])
+        else:
+            self.log("4/7 autoencoder pretraining: part of the 3D half (--with-3d), skipped")
 
         runs = [(m, f) for m in self.models() for f in s.folds]
         self.log(f"5/7 training: {len(runs)} runs ({len(self.models())} models x {len(s.folds)} folds)")
         for m, fold in tqdm(runs, desc="training runs", unit="run", file=sys.stdout):
-            label = f"{m['trainer']} {m['config']} fold {fold} (Dataset{m['dataset']})"
+            label = f"{m['trainer']} {m['config']} {m['plans']} fold {fold} (Dataset{m['dataset']})"
             if self.fold_done(m, fold):
                 self.log(f"5/7 {label}: already trained, skipped")
                 continue
             cmd = [self.bin / "nnUNetv2_train", m["dataset"], m["config"], fold, "-tr", m["trainer"],
-                   "-device", s.device]
+                   "-p", m["plans"], "-device", s.device]
             if "pretrained" in m:
                 cmd += ["-pretrained_weights", m["pretrained"]]
-            self.run(f"5/7 {label}", cmd, f"train_{m['dataset']}_{m['trainer']}_{m['config']}_fold{fold}")
+            self.run(f"5/7 {label}", cmd,
+                     f"train_{m['dataset']}_{m['trainer']}_{m['config']}_{m['plans']}_fold{fold}")
 
         reports = {}
         for dataset_id, tag in ((T2W_ID, "T2w"), (T1W_ID, "T1w")):
-            models = [f"{m['trainer']}:{m['config']}{m['at']}" for m in self.models() if m["dataset"] == dataset_id]
+            mine = [m for m in self.models() if m["dataset"] == dataset_id]
+            if not mine:
+                continue
+            # the baseline: stock nnU-Net, 2d on T2w (the comparison MfNS_De's paper makes), 3d_fullres on T1w
+            stock = [m for m in mine if m["trainer"] == s.trainer("nnUNetTrainer")]
             out = self.work / f"report_{tag}"
-            cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *models, "classical",
-                   "--baseline", f"{s.trainer('nnUNetTrainer')}:3d_fullres", "--folds", *s.folds,
+            cmd = [nnunet_pvs, "compare", "-d", dataset_id, "--models", *map(self.spec, mine), "classical",
+                   "--baseline", self.spec(stock[0]), "--folds", *s.folds,
                    "--regions", self.dataset_dir(dataset_id) / "regions", "--device", s.device, "-o", out]
             self.run(f"6/7 compare ({tag})", cmd, f"compare_{tag}")
             reports[tag] = out / "report.md"

@@ -47,3 +47,14 @@ def write_tiny_dataset(raw: Path, dataset_id: int, name: str = "TinyPVS", n_case
         "channel_names": {"0": channel}, "labels": {"background": 0, "PVS": 1},
         "numTraining": n_cases, "file_ending": ".nii.gz"}, indent=2))
     return root
+
+
+def save_nifti(arr, path: Path, affine=None, dtype=None) -> Path:
+    """Write ``arr`` as a NIfTI (parent folders created; identity affine unless given); returns the path.
+    The tests' one NIfTI writer: modules bind their own affine or dtype with ``functools.partial``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(arr)
+    nib.save(nib.Nifti1Image(data.astype(dtype) if dtype is not None else data,
+                             np.eye(4) if affine is None else affine), str(path))
+    return path

@@ -10,6 +10,7 @@ collisions are checked separately: the next run must clean up, and each case mus
 
 from __future__ import annotations
 
+
 import hashlib
 import json
 import subprocess
@@ -23,17 +24,15 @@ import pytest
 
 from conftest import run_cli
 from nnunet_pvs.staging import staging_name
-from synthetic import write_tiny_dataset
+from synthetic import save_nifti, write_tiny_dataset
 
 CLI = Path(sys.executable).parent / "nnunet-pvs"
 SHAPE = (12, 12, 4)
 AFFINE = np.diag([0.69, 0.69, 2.0, 1.0])
 
 
-def _save(path: Path, data, affine=AFFINE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
-    return path
+def _save(data, path: Path, affine=AFFINE) -> Path:
+    return save_nifti(data, path, affine)
 
 
 def _aseg(shift: int = 0) -> np.ndarray:
@@ -53,9 +52,9 @@ def _subjects(folder: Path, ids=("s0", "s1", "s2"), mask_value: int = 1) -> list
         m = np.zeros(SHAPE, np.uint8)
         m[2:5, 6, :] = mask_value
         rows.append({"id": sid,
-                     "T2w": str(_save(folder / f"{sid}_T2w.nii.gz", rng.normal(100, 10, SHAPE).astype(np.float32))),
-                     "mask": str(_save(folder / f"{sid}_mask.nii.gz", m)),
-                     "regions": str(_save(folder / f"{sid}_aseg.nii.gz", _aseg())),
+                     "T2w": str(_save(rng.normal(100, 10, SHAPE).astype(np.float32), folder / f"{sid}_T2w.nii.gz")),
+                     "mask": str(_save(m, folder / f"{sid}_mask.nii.gz")),
+                     "regions": str(_save(_aseg(), folder / f"{sid}_aseg.nii.gz")),
                      "age": "60"})
     return rows
 
@@ -139,7 +138,7 @@ def _convert_case(tmp: Path, env, kind: str) -> Case:
         expect = [str(out), "is a file"]
         raw = out
     elif kind == "reused_output":  # a dataset of this id made by hand: refused, kept as it was (even --force
-        _save(raw / "Dataset050_Old" / "imagesTr" / "x_0000.nii.gz", np.zeros(SHAPE, np.float32))  # would not)
+        _save(np.zeros(SHAPE, np.float32), raw / "Dataset050_Old" / "imagesTr" / "x_0000.nii.gz")  # would not)
         expect = ["Dataset050_Old", "not written by 'nnunet-pvs convert'", "choose another -d"]
     manifest.parent.mkdir(parents=True, exist_ok=True)
     (manifest.write_bytes if isinstance(text, bytes) else manifest.write_text)(text)
@@ -202,31 +201,31 @@ def _splits_case(tmp: Path, env, kind: str) -> Case:
 def _regions_case(tmp: Path, env, kind: str) -> Case:
     src, images, out = tmp / "aseg", tmp / "images", tmp / "masks"
     for cid in ("a", "b"):
-        _save(src / f"{cid}.nii.gz", _aseg())
-        _save(images / f"{cid}_0000.nii.gz", np.zeros(SHAPE, np.float32))
+        _save(_aseg(), src / f"{cid}.nii.gz")
+        _save(np.zeros(SHAPE, np.float32), images / f"{cid}_0000.nii.gz")
     base = ["regions", "-i", src, "-o", out, "--images", images]
     bad = src / "b.nii.gz"
     expect = ["b:", str(bad)]
     if kind == "binary_mask":
-        _save(bad, (_aseg() > 0).astype(np.uint8))
+        _save((_aseg() > 0).astype(np.uint8), bad)
         expect += ["not look like an aseg", "labels found: 0, 1"]
     elif kind == "shifted_labels":
-        _save(bad, _aseg(shift=1))
+        _save(_aseg(shift=1), bad)
         expect += ["not look like an aseg", "no cerebral white matter label (2/41);", "3, 13, 42, 52"]
     elif kind == "other_spacing":
-        _save(bad, _aseg(), np.diag([1.0, 1.0, 1.0, 1.0]))
+        _save(_aseg(), bad, np.diag([1.0, 1.0, 1.0, 1.0]))
         expect += ["spacing 1 x 1 x 1 mm vs 0.69 x 0.69 x 2 mm", "b_0000.nii.gz"]
     elif kind == "other_shape":
-        _save(bad, np.pad(_aseg(), ((0, 1), (0, 0), (0, 0))))
+        _save(np.pad(_aseg(), ((0, 1), (0, 0), (0, 0))), bad)
         expect += ["shape (13, 12, 4)", "(12, 12, 4)"]
     elif kind == "shifted_affine":
         shifted = AFFINE.copy()
         shifted[0, 3] = 0.5
-        _save(bad, _aseg(), shifted)
+        _save(_aseg(), bad, shifted)
         expect += ["affine differs from b_0000.nii.gz by 0.5"]
     elif kind == "output_is_file":
         out.write_text("x")
-        _save(bad, (_aseg() > 0).astype(np.uint8))  # the output is checked before the label maps
+        _save((_aseg() > 0).astype(np.uint8), bad)  # the output is checked before the label maps
         expect = [str(out), "is a file"]
     elif kind == "foreign_output":
         out.mkdir()
@@ -289,7 +288,7 @@ def test_convert_cleans_a_killed_runs_staging_folder_and_rewrites_an_incomplete_
     final = raw / "Dataset052_Killed"
     # a run SIGKILLed while writing: a half-written hidden folder of a PID that no longer runs
     stale = staging_name(final, pid=_dead_pid())
-    _save(stale / "imagesTr" / "s0_0000.nii.gz", np.zeros(SHAPE, np.float32))
+    _save(np.zeros(SHAPE, np.float32), stale / "imagesTr" / "s0_0000.nii.gz")
     p = run_cli(args, env=nnunet_env["env"])
     assert not stale.exists() and "interrupted run" in p.stdout + p.stderr
     assert [x.name for x in raw.iterdir()] == [final.name]
@@ -319,11 +318,11 @@ def test_splits_and_regions_clean_killed_runs_leftovers(nnunet_env, tmp_path):
 
     work = tmp_path / "work"
     src, out = work / "aseg", work / "masks"
-    _save(src / "a.nii.gz", _aseg())
+    _save(_aseg(), src / "a.nii.gz")
     run_cli([CLI, "regions", "-i", src, "-o", out], env=env)
     stale = staging_name(out, pid=_dead_pid())
-    _save(stale / "a_bg.nii.gz", np.zeros(SHAPE, np.uint8))
-    _save(src / "b.nii.gz", _aseg())
+    _save(np.zeros(SHAPE, np.uint8), stale / "a_bg.nii.gz")
+    _save(_aseg(), src / "b.nii.gz")
     run_cli([CLI, "regions", "-i", src, "-o", out], env=env)
     assert sorted(p.name for p in work.iterdir()) == ["aseg", "masks"]
     assert sorted(p.name for p in out.iterdir()) == [".nnunet-pvs.json", "a_bg.nii.gz", "a_wm.nii.gz",
@@ -338,10 +337,10 @@ def test_id_prefix_collision_each_case_keeps_its_own_data(nnunet_env, tmp_path):
     rows = _subjects(tmp_path / "in", ids)
     lab = _aseg()
     lab[3:5, 3:5, :] = 2  # pvs001_rescan: no left putamen, so its BG mask differs
-    _save(Path(rows[1]["regions"]), lab)
+    _save(lab, Path(rows[1]["regions"]))
     m = np.zeros(SHAPE, np.uint8)
     m[1:9, 1, :] = 1
-    _save(Path(rows[1]["mask"]), m)
+    _save(m, Path(rows[1]["mask"]))
     manifest = tmp_path / "in" / "manifest.csv"
     manifest.write_text(_csv(rows))
     run_cli([CLI, "convert", "--manifest", manifest, "-c", "T2w", "-d", 53, "-n", "Prefix"], env=env)

@@ -9,6 +9,8 @@ real subprocess to show both behave alike.
 
 from __future__ import annotations
 
+from functools import partial
+
 import hashlib
 import pickle
 import sys
@@ -18,15 +20,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import run_cli
+from synthetic import save_nifti
 from scipy import ndimage
 
 CLI = Path(sys.executable).parent / "nnunet-pvs"
 SHAPE = (16, 14, 8)
 
 
-def _save(arr, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr.astype(np.uint8), np.eye(4)), path)
+_save = partial(save_nifti, dtype=np.uint8)
 
 
 def _write_npz(prob, stem: Path, with_pkl=True):

@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
                              "--device", "cpu", "--n-boot", "200", "--no-plots", "-o", cv], env=env)
     cai = root / "report_cai"
     reports["cai"] = run_cli([CLI, "compare", "-d", DID, "--models", MFNS, STOCK, "frangi", "--folds", *FOLDS,
-                              "--protocol", "cai", "--device", "cpu", "--n-boot", "200", "--no-plots", "-o", cai],
+                              "--cv-protocol", "cai", "--device", "cpu", "--n-boot", "200", "--no-plots", "-o", cai],
                              env=env)
     results = dirs["nnUNet_results"] / name
     return {"env": env, "root": root, "name": name, "splits": splits, "results": results, "reports": reports,

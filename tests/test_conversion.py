@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
+from synthetic import save_nifti
 
 BIN = Path(sys.executable).parent
 CLI = BIN / "nnunet-pvs"
@@ -24,25 +25,22 @@ def _affine(shift=(0.0, 0.0, 0.0)):
     return a
 
 
-def _save(path: Path, data, affine=None, dtype=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = np.asarray(data)
-    nib.save(nib.Nifti1Image(data.astype(dtype or data.dtype), _affine() if affine is None else affine), str(path))
-    return path
+def _save(data, path: Path, affine=None, dtype=None):
+    return save_nifti(data, path, _affine() if affine is None else affine, dtype)
 
 
 def _subject(folder: Path, sid: str, rng, shape=(16, 16, 4), mask=True, regions=False, ext=".nii.gz"):
     """Write T2w/T1w images (+ mask, regions) for one subject; return the paths."""
-    out = {"T2w": _save(folder / f"{sid}_T2w{ext}", rng.normal(100, 10, shape).astype(np.float32)),
-           "T1w": _save(folder / f"{sid}_T1w{ext}", rng.integers(0, 1000, shape).astype(np.int16))}
+    out = {"T2w": _save(rng.normal(100, 10, shape).astype(np.float32), folder / f"{sid}_T2w{ext}"),
+           "T1w": _save(rng.integers(0, 1000, shape).astype(np.int16), folder / f"{sid}_T1w{ext}")}
     if mask:
         m = np.zeros(shape, np.uint8)
         m[3:6, 4, :] = 1
-        out["mask"] = _save(folder / f"{sid}_mask{ext}", m)
+        out["mask"] = _save(m, folder / f"{sid}_mask{ext}")
     if regions:
         lab = np.full(shape, 2, np.int16)
         lab[:4] = 12
-        out["regions"] = _save(folder / f"{sid}_aseg{ext}", lab)
+        out["regions"] = _save(lab, folder / f"{sid}_aseg{ext}")
     return out
 
 
@@ -142,17 +140,17 @@ def test_validation_errors_name_subject_and_file(nnunet_env, tmp_path, case):
 
     def mutate(p, rng):
         if case == "shape":
-            _save(p["mask"], np.zeros((16, 15, 4), np.uint8))
+            _save(np.zeros((16, 15, 4), np.uint8), p["mask"])
         elif case == "affine":
-            _save(p["mask"], np.zeros((16, 16, 4), np.uint8), _affine((0.5, 0, 0)))
+            _save(np.zeros((16, 16, 4), np.uint8), p["mask"], _affine((0.5, 0, 0)))
         elif case == "values":
-            _save(p["mask"], np.full((16, 16, 4), 3, np.uint8))
+            _save(np.full((16, 16, 4), 3, np.uint8), p["mask"])
         elif case == "nan":
             a = np.ones((16, 16, 4), np.float32)
             a[1, 1, 1] = np.nan
-            _save(p["T2w"], a)
+            _save(a, p["T2w"])
         elif case == "4d":
-            _save(p["T2w"], np.ones((16, 16, 4, 2), np.float32))
+            _save(np.ones((16, 16, 4, 2), np.float32), p["T2w"])
         elif case == "missing":
             p["mask"].unlink()
 
@@ -162,7 +160,7 @@ def test_validation_errors_name_subject_and_file(nnunet_env, tmp_path, case):
         rows = []
         for sid in ("good1", "bad"):
             p = _subject(d, sid, rng)
-            reg = _save(d / f"{sid}_regions.nii.gz", np.full((16, 16, 4), 2.5 if sid == "bad" else 2.0, np.float32))
+            reg = _save(np.full((16, 16, 4), 2.5 if sid == "bad" else 2.0, np.float32), d / f"{sid}_regions.nii.gz")
             rows.append({"id": sid, "T2w": str(p["T2w"]), "mask": str(p["mask"]), "regions": str(reg)})
         proc = _convert(nnunet_env, "--manifest", _manifest(tmp_path, rows), "-c", "T2w", "-d", 30, "-n", "Bad",
                         check=False)
@@ -189,7 +187,7 @@ def test_affine_within_tolerance_is_accepted_and_label_value_picks(nnunet_env, t
         m = np.zeros((16, 16, 4), np.uint8)
         m[2:4, 2, :] = 2
         m[8, 8, :] = 5
-        _save(p["mask"], m, _affine((1e-4, 0, 0)))
+        _save(m, p["mask"], _affine((1e-4, 0, 0)))
 
     proc, _ = _one_bad(tmp_path, nnunet_env, mutate)
     assert proc.returncode == 2 and "--label-value" in proc.stderr and "0, 2, 5" in proc.stderr
@@ -225,7 +223,7 @@ def test_duplicate_ids_and_missing_channel(nnunet_env, tmp_path):
 
 def test_empty_mask_is_a_warning(nnunet_env, tmp_path):
     """One empty mask among non-empty ones is converted, and reported: a count and the subject."""
-    proc, _ = _one_bad(tmp_path, nnunet_env, lambda p, rng: _save(p["mask"], np.zeros((16, 16, 4), np.uint8)))
+    proc, _ = _one_bad(tmp_path, nnunet_env, lambda p, rng: _save(np.zeros((16, 16, 4), np.uint8), p["mask"]))
     assert proc.returncode == 0
     assert "warning: 1 of 3 mask(s) are empty with value 1 = PVS (mask values found: 0, 1): bad" in proc.stderr
     assert "warning: bad:" in proc.stderr and "empty mask" in proc.stderr and "bad_mask" in proc.stderr
@@ -238,10 +236,10 @@ def test_folder_layout(nnunet_env, tmp_path):
     root = tmp_path / "subjects"
     for sid, has_mask in (("p01", True), ("p02", True), ("p03", False)):
         d = root / sid
-        _save(d / "T2w.nii.gz", rng.normal(0, 1, (16, 16, 4)).astype(np.float32))
+        _save(rng.normal(0, 1, (16, 16, 4)).astype(np.float32), d / "T2w.nii.gz")
         if has_mask:
-            _save(d / "mask.nii.gz", np.eye(16, dtype=np.uint8)[:, :, None].repeat(4, 2))
-            _save(d / "regions.nii.gz", np.full((16, 16, 4), 41, np.int16))
+            _save(np.eye(16, dtype=np.uint8)[:, :, None].repeat(4, 2), d / "mask.nii.gz")
+            _save(np.full((16, 16, 4), 41, np.int16), d / "regions.nii.gz")
     pd.DataFrame({"id": ["p01", "p02", "p03"], "age": [60, 70, 80]}).to_csv(root / "covariates.csv", index=False)
     _convert(nnunet_env, "--folder", root, "-c", "T2w", "-d", 40, "-n", "Folder")
     out = nnunet_env["nnUNet_raw"] / "Dataset040_Folder"
@@ -255,13 +253,13 @@ def test_bids_layout(nnunet_env, tmp_path):
     rng = np.random.default_rng(4)
     root = tmp_path / "bids"
     for sub in ("sub-01", "sub-02"):
-        _save(root / sub / "anat" / f"{sub}_T2w.nii.gz", rng.normal(0, 1, (16, 16, 4)).astype(np.float32))
+        _save(rng.normal(0, 1, (16, 16, 4)).astype(np.float32), root / sub / "anat" / f"{sub}_T2w.nii.gz")
         m = np.zeros((16, 16, 4), np.uint8)
         m[5, 5:9, :] = 1
-        _save(root / "derivatives" / "manual" / sub / "anat" / f"{sub}_label-PVS_mask.nii.gz", m)
-        _save(root / "derivatives" / "synthseg" / sub / "anat" / f"{sub}_dseg.nii.gz",
-              np.full((16, 16, 4), 2, np.int16))
-    _save(root / "sub-03" / "ses-1" / "anat" / "sub-03_ses-1_T2w.nii.gz", rng.normal(0, 1, (16, 16, 4)))
+        _save(m, root / "derivatives" / "manual" / sub / "anat" / f"{sub}_label-PVS_mask.nii.gz")
+        _save(np.full((16, 16, 4), 2, np.int16),
+              root / "derivatives" / "synthseg" / sub / "anat" / f"{sub}_dseg.nii.gz")
+    _save(rng.normal(0, 1, (16, 16, 4)), root / "sub-03" / "ses-1" / "anat" / "sub-03_ses-1_T2w.nii.gz")
     (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t61\tF\nsub-02\t72\tM\nsub-03\t55\tF\n")
     _convert(nnunet_env, "--bids", root, "-c", "T2w", "-d", 41, "-n", "Bids")
     out = nnunet_env["nnUNet_raw"] / "Dataset041_Bids"
@@ -284,7 +282,7 @@ def test_converted_dataset_passes_nnunet_integrity_check(nnunet_env, tmp_path):
     """Masks with a slightly different affine (within tolerance) and a .nii input still give a
     dataset that nnU-Net's own integrity check accepts."""
     csv, _ = _standard_manifest(tmp_path)
-    _save(tmp_path / "in" / "s2_mask.nii.gz", (np.random.default_rng(5).random((16, 16, 4)) > 0.9).astype(np.uint8),
+    _save((np.random.default_rng(5).random((16, 16, 4)) > 0.9).astype(np.uint8), tmp_path / "in" / "s2_mask.nii.gz",
           _affine((2e-4, 0, 0)))
     _convert(nnunet_env, "--manifest", csv, "-c", "T2w", "T1w", "-d", 24, "-n", "Conv")
     run_cli([BIN / "nnUNetv2_extract_fingerprint", "-d", 24, "--verify_dataset_integrity", "-np", 1],
@@ -303,7 +301,7 @@ def test_numbers_mixed_with_text_in_a_covariate_are_flagged(nnunet_env, tmp_path
 
 
 def test_tables_accept_tsv_semicolons_bom_and_na(tmp_path):
-    from nnunet_pvs.dataset_conversion.tables import read_table
+    from nnunet_pvs.tables import read_table
 
     f = tmp_path / "t.csv"
     f.write_bytes("\ufeffid;age;site\na;61.5;NA\nb; 70 ;x\n".encode("utf-8"))

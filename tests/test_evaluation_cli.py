@@ -5,15 +5,16 @@ cases, never from the function the CLI calls."""
 
 from __future__ import annotations
 
+
 import pickle
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
+from synthetic import save_nifti
 from scipy import ndimage, stats
 
 from nnunet_pvs.evaluation import io
@@ -24,9 +25,7 @@ AFFINE = np.array([[0.0, 0.0, 2.0, -10.0], [0.69, 0.0, 0.0, 5.0], [0.0, -0.69, 0
 
 
 def save(arr, path, affine=AFFINE):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr, affine), path)
-    return path
+    return save_nifti(arr, path, affine)
 
 
 def make_case(rng):

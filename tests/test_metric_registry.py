@@ -6,16 +6,18 @@ A new metric column without a registry entry fails ``test_every_column_evaluate_
 
 from __future__ import annotations
 
+from functools import partial
+
 import inspect
 import pickle
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
+from synthetic import save_nifti
 
 from nnunet_pvs import metric_registry as reg
 from nnunet_pvs.errors import UserError
@@ -29,9 +31,7 @@ AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 KEYS = {"case", "region", "threshold", "min_cluster_size", "size_group"}
 
 
-def _save(arr, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr.astype(np.uint8), AFFINE), str(path))
+_save = partial(save_nifti, affine=AFFINE, dtype=np.uint8)
 
 
 def _write_case(root: Path, case: str, rng) -> None:

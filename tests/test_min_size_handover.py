@@ -9,18 +9,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import argparse
 import json
 import pickle
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 
 from conftest import run_cli
+from synthetic import save_nifti
 from nnunet_pvs.census.inputs import min_size_from_sweep
 from nnunet_pvs.errors import UserError
 
@@ -30,9 +32,7 @@ AFFINE = np.diag([*SPACING, 1.0])
 SHAPE = (20, 20, 6)
 
 
-def _nifti(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr.astype(np.uint8), AFFINE), str(path))
+_nifti = partial(save_nifti, affine=AFFINE, dtype=np.uint8)
 
 
 def _probabilities(fg: np.ndarray, stem: Path) -> None:

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
 from conftest import run_cli
+from synthetic import save_nifti
 from nnunet_pvs import staging
 from nnunet_pvs.cli import main
 
@@ -32,10 +32,7 @@ IDS = ("c1", "c2", "c3")
 
 # --------------------------------------------------------------------------------------------- helpers
 
-def _save(arr, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
-    return path
+_save = save_nifti
 
 
 def _aseg() -> np.ndarray:

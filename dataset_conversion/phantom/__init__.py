@@ -3,7 +3,8 @@
 Modules: ``anatomy`` (warped template, grid, region labels), ``pvs`` (PVS geometry and burden),
 ``mimics`` (WMH, sulcal CSF, vessels, lacunes: never labelled), ``rendering`` (partial volume on a
 sub-voxel grid), ``imaging`` (intensities, texture, bias field, Rician noise), ``subject`` (one
-subject with rater and noise-free labels), ``dataset`` (nnU-Net raw dataset).
+subject with rater and noise-free labels), ``visits`` (follow-up visits with known PVS changes and
+same-session rescans, with head motion), ``dataset`` (nnU-Net raw dataset).
 """
 
 from nnunet_pvs.dataset_conversion.phantom.anatomy import (AGE_RANGE, BG_LABELS, CSF_LABELS, LENTICULAR_LABELS,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from nnunet_pvs import aseg
+
 # Grids: T2w-like axial 0.69 x 0.69 x 2 mm (Cai), T1w-like 1 mm isotropic (Boutinaud).
 SPACING = {"T2w": (0.69, 0.69, 2.0), "T1w": (1.0, 1.0, 1.0)}
 
@@ -42,14 +44,14 @@ SIZES["demo"] = SIZES["small"]
 
 AGE_RANGE = {"T2w": (42, 79), "T1w": (18, 35)}  # Cai: PD patients 42-79 y; Boutinaud: MRi-Share 18-35 y
 
-# aseg numbering (left, right)
-ASEG = {"wm": (2, 41), "cortex": (3, 42), "lat_vent": (4, 43), "thalamus": (10, 49), "caudate": (11, 50),
-        "putamen": (12, 51), "pallidum": (13, 52), "accumbens": (26, 58)}
-ASEG_CSF = 24
-CSF_LABELS = (4, 43, ASEG_CSF)
-WM_LABELS = (2, 41)
-LENTICULAR_LABELS = (12, 13, 51, 52)
-BG_LABELS = (10, 11, 12, 13, 26, 49, 50, 51, 52, 58)
+# aseg numbering (left, right), from the project's one vocabulary
+ASEG = {"wm": aseg.CEREBRAL_WHITE_MATTER, "lat_vent": aseg.LATERAL_VENTRICLES,
+        **{k: aseg.STRUCTURES[k] for k in ("cortex", "thalamus", "caudate", "putamen", "pallidum", "accumbens")}}
+ASEG_CSF = aseg.CSF
+CSF_LABELS = aseg.CSF_ALL
+WM_LABELS = aseg.CEREBRAL_WHITE_MATTER
+LENTICULAR_LABELS = aseg.LENTICULAR
+BG_LABELS = aseg.BASAL_GANGLIA
 # Deep grey nuclei as ellipsoids: centre (|x|, y, z) and semi-axes in MNI mm; later ones win.
 NUCLEI = [("thalamus", (11, -18, 6), (7, 12, 8)), ("caudate", (13, 11, 10), (4.5, 11, 9)),
           ("putamen", (25, 3, 1), (5.5, 14, 9)), ("pallidum", (19, -3, -1), (3.5, 7, 5)),

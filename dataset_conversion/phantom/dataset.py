@@ -3,8 +3,10 @@
 Besides ``imagesTr``/``labelsTr`` (rater labels, what a model is trained on), the dataset holds
 ``labelsTr_truth``/``labelsTs_truth`` (noise-free labels, declared as ``truth_labels`` in the
 ``nnunet_pvs`` block of dataset.json) so that ``nnunet-pvs evaluate --truth`` can say how far rater
-noise caps a measured Dice. Everything is staged in a hidden folder and moved into place at the end;
-only a dataset `phantom` wrote is ever replaced (:mod:`nnunet_pvs.staging`).
+noise caps a measured Dice. With ``visits`` (``follow_up``, ``rescan``) every labelled subject also
+gets later visits under ``visits/`` (:mod:`~nnunet_pvs.dataset_conversion.phantom.visits`); the
+baseline files are the same with or without them. Everything is staged in a hidden folder and moved
+into place at the end; only a dataset `phantom` wrote is ever replaced (:mod:`nnunet_pvs.staging`).
 """
 
 from __future__ import annotations
@@ -56,17 +58,22 @@ def check_parameters(contrast: str, size: str, n_subjects: int, n_test: int, n_u
 
 def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None, contrast: str = "T2w",
                          n_subjects: int | None = None, size: str = "tiny", seed: int = 0, n_unlabeled: int = 0,
-                         n_test: int = 0, force: bool = False, progress: bool = True, log=print) -> Path:
+                         n_test: int = 0, force: bool = False, progress: bool = True, log=print,
+                         visits: tuple = ()) -> Path:
     """Generate the phantom and write it as ``raw_dir/Dataset<ID>_<name>``; returns the dataset folder.
 
     Writes ``imagesTr``/``labelsTr`` (``n_subjects`` cases ``pvs000``...), ``imagesTs``/``labelsTs``
     (``n_test``), ``imagesUnlabeled/CASE_0000.nii.gz`` (``n_unlabeled``, for autoencoder
     pretraining), the truth folders, ``regions/CASE.nii.gz`` (aseg label maps) and
-    ``covariates.csv``. Re-running with the same parameters is a no-op; different ones need ``force``.
+    ``covariates.csv``. ``visits`` (any of ``"follow_up"``, ``"rescan"``) adds ``visits/`` for every
+    labelled subject. Re-running with the same parameters is a no-op; different ones need ``force``.
     """
     from nnunet_pvs.dataset_conversion.convert import (check_datasets_owned, dataset_folder_name, existing_datasets,
                                                        write_dataset)
+    from nnunet_pvs.dataset_conversion.phantom.visits import VISITS
     from nnunet_pvs.dataset_conversion.validation import Subject
+
+    visits = tuple(v for v in VISITS if v in set(visits))
 
     n_subjects = SIZES[size].n_subjects if (n_subjects is None and size in SIZES) else n_subjects
     n_subjects = int(n_subjects) if n_subjects is not None else 0
@@ -81,6 +88,8 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
     clean_leftovers(raw, f"Dataset{int(dataset_id):03d}_", log=log)
     params = {"generator_version": GENERATOR_VERSION, "contrast": contrast, "size": size, "seed": int(seed),
               "n_subjects": n_subjects, "n_test": int(n_test), "n_unlabeled": int(n_unlabeled)}
+    if visits:  # only then: a dataset made without visits keeps the parameters (and digest) it always had
+        params["visits"] = list(visits)
     existing = existing_datasets(raw, dataset_id) if raw.is_dir() else []
     check_datasets_owned(existing, "phantom")  # another command's dataset or the user's: refused, even with force
     if existing == [folder] and (folder / "dataset.json").is_file():
@@ -106,7 +115,7 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
         try:
             stage.mkdir()
             out = _generate_into(stage, it, contrast, size, seed, dataset_id, name, n_test, params, progress,
-                                 log, write_dataset, Subject)
+                                 log, write_dataset, Subject, visits)
             replace_folder(out, folder, others=existing)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -115,13 +124,22 @@ def make_phantom_dataset(raw_dir, dataset_id: int = 900, name: str | None = None
 
 
 def _generate_into(stage: Path, it, contrast, size, seed, dataset_id, name, n_test, params, progress, log,
-                   write_dataset, Subject) -> Path:
+                   write_dataset, Subject, visits=()) -> Path:
     """Generate every subject into ``stage`` and write the dataset there; returns the staged dataset folder."""
+    from nnunet_pvs.dataset_conversion.phantom import visits as later_visits
+
     files, subjects, truths = stage / "files", [], {}
     files.mkdir()
+    visit_rows: tuple[list, list] = ([], [])
     for split, i in it:
         sid = f"pvs{i:03d}"
-        s = generate_subject(contrast, size, seed, i, labelled=split != "unlabeled")
+        with_visits = bool(visits) and split != "unlabeled"
+        s = generate_subject(contrast, size, seed, i, labelled=split != "unlabeled", keep_scene=with_visits)
+        if with_visits:
+            truth_rows, motion_rows = later_visits.write_case(stage / "visits", sid, s.scene, s.affine, visits, _save)
+            visit_rows[0].extend(truth_rows)
+            visit_rows[1].extend(motion_rows)
+            s.scene = None  # its arrays are not needed any more
         _save(s.image * 1000.0, s.affine, files / f"{sid}_{contrast}.nii.gz", np.int16)
         _save(s.labels, s.affine, files / f"{sid}_regions.nii.gz", np.int16)
         mask = None
@@ -135,6 +153,8 @@ def _generate_into(stage: Path, it, contrast, size, seed, dataset_id, name, n_te
     staged_raw.mkdir()
     extra = {"phantom": params, "truth_labels": TRUTH_FOLDERS["labelsTr"],
              "truth_labels_test": TRUTH_FOLDERS["labelsTs"] if n_test else None}
+    if visits:
+        extra["visits"] = "visits"
     out, _ = write_dataset(subjects, staged_raw, dataset_id, name, [contrast], force=True, progress=progress,
                            command="phantom",
                            description=f"Synthetic PVS phantom v{GENERATOR_VERSION} ({contrast}-like, size "
@@ -144,4 +164,7 @@ def _generate_into(stage: Path, it, contrast, size, seed, dataset_id, name, n_te
         sub = out / TRUTH_FOLDERS["labelsTr" if split == "train" else "labelsTs"]
         sub.mkdir(exist_ok=True)
         _save(truth, affine, sub / f"{sid}.nii.gz", np.uint8)
+    if visits:
+        shutil.move(str(stage / "visits"), str(out / "visits"))
+        later_visits.write_tables(out / "visits", *visit_rows)
     return out

@@ -98,8 +98,9 @@ def grow(rng, seed_pt, direction, length, ok, bend, one_way=False, jitter=0.08):
     return np.array(poly) if len(poly) >= 3 else None
 
 
-def make_tube(rng, kind, seed_pt, an, origin, spacing, warp, forbid) -> Tube | None:
-    """One PVS of family ``kind`` ("wm": centrum semiovale, "bg": lenticulostriate) from a seed point."""
+def course_rules(kind, an, origin, spacing, warp, forbid, start):
+    """(ok, bend) of the course of a ``kind`` PVS starting at ``start``: where it may run (its tissue,
+    inside the grid, not where ``forbid(point)``) and how it turns at each 1 mm step."""
     labels = an["labels"]
     shape = np.array(labels.shape)
     allowed = WM_LABELS if kind == "wm" else LENTICULAR_LABELS + WM_LABELS
@@ -110,23 +111,33 @@ def make_tube(rng, kind, seed_pt, an, origin, spacing, warp, forbid) -> Tube | N
             return False
         return labels[tuple(i)] in allowed
 
+    if kind == "wm":
+        def bend(p, d):  # keeps to the inward normal, in whichever direction it runs
+            g = inward(an, p)
+            return 0.15 * g * np.sign(np.dot(g, d))
+    else:
+        lateral = np.sign(warp(np.asarray(start, float)[None])[0, 0]) or 1.0
+
+        def bend(p, d):  # lenticulostriate: drifts outward as it rises
+            return np.array([0.04 * lateral, 0.0, 0.0])
+    return ok, bend
+
+
+def make_tube(rng, kind, seed_pt, an, origin, spacing, warp, forbid) -> Tube | None:
+    """One PVS of family ``kind`` ("wm": centrum semiovale, "bg": lenticulostriate) from a seed point."""
+    ok, bend = course_rules(kind, an, origin, spacing, warp, forbid, seed_pt)
     if not ok(seed_pt):
         return None
     median, sd, lo, hi = LENGTH[kind]
     length = _lognormal(rng, median, sd, lo, hi)
     if kind == "wm":
         d0 = inward(an, seed_pt) + rng.normal(0, 0.2, 3)
-
-        def bend(p, d):
-            g = inward(an, p)
-            return 0.15 * g * np.sign(np.dot(g, d))
         poly = grow(rng, seed_pt, d0 / np.linalg.norm(d0), length, ok, bend)
     else:
         lateral = np.sign(warp(seed_pt[None])[0, 0]) or 1.0
         theta = np.deg2rad(rng.uniform(5, 30))
         d0 = np.array([lateral * np.sin(theta), rng.normal(0, 0.15), np.cos(theta)])
-        poly = grow(rng, seed_pt, d0 / np.linalg.norm(d0), length, ok,
-                    lambda p, d: np.array([0.04 * lateral, 0.0, 0.0]), one_way=True)
+        poly = grow(rng, seed_pt, d0 / np.linalg.norm(d0), length, ok, bend, one_way=True)
     if poly is None:
         return None
     arc = float(np.linalg.norm(np.diff(poly, axis=0), axis=1).sum())

@@ -9,7 +9,10 @@ Labels, from the rendered PVS:
 * **rater** (the training label): the truth with annotation noise as raters make it: about 15 % of
   the faintest PVS missed, and borders off by one voxel here and there (in-plane).
 
-All randomness comes from ``numpy.random.default_rng([seed, contrast, index])``.
+All randomness comes from ``numpy.random.default_rng([seed, contrast, index])``. With
+``keep_scene`` the subject also carries its :class:`Scene` (every rendered tube and the image layers
+around them), from which :mod:`~nnunet_pvs.dataset_conversion.phantom.visits` renders later visits;
+keeping it draws nothing, so the subject is the same either way.
 """
 
 from __future__ import annotations
@@ -47,6 +50,34 @@ class PhantomSubject:
     lacunes: np.ndarray        # bool lacune cores and rims
     mimics: dict = field(default_factory=dict)       # name -> float32 coverage (WMH, sulci, vessels)
     covariates: dict = field(default_factory=dict)
+    scene: Scene | None = None  # only with generate_subject(..., keep_scene=True)
+
+
+@dataclass
+class Scene:
+    """What a later visit of the same subject re-renders: the tubes (in drawing order, with their truth
+    id, 0 for tubes too faint to be labelled) and the image layers below and above the PVS layer."""
+
+    contrast: str
+    seed: int
+    index: int
+    an: dict                   # anatomy (labels, inward normals, grid)
+    warp: object               # subject mm -> MNI mm
+    offsets: np.ndarray        # sub-voxel points of the partial-volume rendering
+    seeds: dict                # "wm"/"bg" -> voxel indices where PVS of that family start
+    lacunes: list              # [(centre, semi-axes)]: PVS keep out of them
+    tubes: list                # [(Tube, truth id or 0)]
+    truth_ids: np.ndarray      # int32, the truth id of each voxel (0 none)
+    tissue_ok: np.ndarray      # bool, where a PVS may show (not fluid, lacune, sulcus, vessel)
+    below_pvs: np.ndarray      # float32 noise-free image before the PVS layer (tissue, WMH, sulci)
+    above_pvs: list            # [(coverage, intensity)] mixed after the PVS layer (vessels, lacunes)
+    intensities: dict          # compartment intensities of this subject
+    sigma: float               # noise level of the baseline scan
+
+
+def near_any(p, ellipsoids, margin: float = 1.5) -> bool:
+    """Whether point p lies within ``margin`` mm of one of the (centre, semi-axes) ellipsoids (lacunes)."""
+    return any(np.sqrt((((p - c) / (a + margin)) ** 2).sum()) < 1.0 for c, a in ellipsoids)
 
 
 def _cluster_counts(mask: np.ndarray, labels: np.ndarray) -> dict:
@@ -58,7 +89,7 @@ def _cluster_counts(mask: np.ndarray, labels: np.ndarray) -> dict:
             "pvs_count_wm": int((regions[1:] == "wm").sum())}
 
 
-def _annotate(rng, truth_ids: np.ndarray, visibility: dict, allowed: np.ndarray) -> np.ndarray:
+def annotate(rng, truth_ids: np.ndarray, visibility: dict, allowed: np.ndarray) -> np.ndarray:
     """Rater label from the per-tube truth: drop ~15 % of PVS (the faintest), jitter borders in-plane."""
     ids = sorted(visibility, key=lambda k: visibility[k])
     n_miss = int(round(MISS_FAINT * len(ids)))
@@ -78,8 +109,9 @@ def _annotate(rng, truth_ids: np.ndarray, visibility: dict, allowed: np.ndarray)
 
 
 def generate_subject(contrast: str = "T2w", size: str = "tiny", seed: int = 0, index: int = 0,
-                     labelled: bool = True) -> PhantomSubject:
-    """Generate one subject deterministically from (seed, contrast, index)."""
+                     labelled: bool = True, keep_scene: bool = False) -> PhantomSubject:
+    """Generate one subject deterministically from (seed, contrast, index); ``keep_scene`` also returns
+    its :class:`Scene` (for follow-up visits)."""
     if contrast not in SPACING:
         raise UserError(f"contrast {contrast!r}: choose one of {', '.join(SPACING)}")
     if size not in SIZES:
@@ -104,8 +136,8 @@ def generate_subject(contrast: str = "T2w", size: str = "tiny", seed: int = 0, i
     wmh_cm3 = mimics.wmh_volume_cm3(rng, contrast, age)
     wmh = mimics.wmh_fraction(rng, wmh_cm3, an, spacing)
 
-    def near_lacune(p, margin=1.5):
-        return any(np.sqrt((((p - c) / (a + margin)) ** 2).sum()) < 1.0 for c, a in lac_list)
+    def near_lacune(p):
+        return near_any(p, lac_list)
 
     sulci = mimics.sulcal_fingers(rng, an, origin, spacing, offsets)
     vessel = mimics.vessels(rng, an, origin, spacing, offsets, near_lacune)
@@ -116,6 +148,7 @@ def generate_subject(contrast: str = "T2w", size: str = "tiny", seed: int = 0, i
     pvs_w = np.zeros(shape, np.float32)
     truth_ids = np.zeros(shape, np.int32)
     visibility: dict[int, float] = {}
+    tubes: list = []
     lower_bg = np.isin(labels, LENTICULAR_LABELS) & (an["mni_z"] < np.median(an["mni_z"][np.isin(labels, LENTICULAR_LABELS)])
                                                      if np.isin(labels, LENTICULAR_LABELS).any() else False)
     seeds = {"wm": np.argwhere(np.isin(labels, WM_LABELS) & (an["wm"] > 0.7)), "bg": np.argwhere(lower_bg)}
@@ -140,19 +173,22 @@ def generate_subject(contrast: str = "T2w", size: str = "tiny", seed: int = 0, i
             pvs_w[sl] = np.maximum(pvs_w[sl], weighted * tissue_ok[sl])
             rendered[kind] += 1
             voxel = ((cover >= VOXEL_COVER) | centre_in) & (weighted >= VOXEL_VISIBLE) & tissue_ok[sl]
+            tid = 0
             if voxel.any() and weighted.max() >= TUBE_VISIBLE:
                 tid = len(visibility) + 1
                 truth_ids[sl] = np.where(voxel & (truth_ids[sl] == 0), tid, truth_ids[sl])
                 visibility[tid] = float(weighted[voxel].mean())
+            tubes.append((tube, tid))
 
     truth = truth_ids > 0
-    mask = _annotate(rng, truth_ids, visibility, tissue_ok & (an["brain"] >= 0.5)) if visibility else truth
+    mask = annotate(rng, truth_ids, visibility, tissue_ok & (an["brain"] >= 0.5)) if visibility else truth
 
     # image
     img, c = imaging.tissue_image(rng, contrast, an, spacing)
     brain = an["brain"]
     img = imaging.mix(img, wmh, c["wmh"], brain)
     img = imaging.mix(img, sulci * (1 - lac_core), c["csf"], brain)
+    below_pvs = img
     img = imaging.mix(img, pvs_w, c["pvs"], brain)
     img = imaging.mix(img, vessel, c["void"], brain)
     img = imaging.mix(img, lac_rim, c["rim"], brain)
@@ -167,6 +203,14 @@ def generate_subject(contrast: str = "T2w", size: str = "tiny", seed: int = 0, i
                   "wmh_cm3": round(float((wmh * (brain >= 0.5)).sum() * voxel_cm3), 3),
                   "cnr_target": round(cnr, 3), "noise_sigma": round(sigma, 5), "bias_amplitude": round(bias_amp, 3),
                   "site": f"phantom-{contrast}"}
+    scene = None
+    if keep_scene:
+        scene = Scene(contrast=contrast, seed=int(seed), index=int(index), an=an, warp=warp, offsets=offsets,
+                      seeds=seeds, lacunes=lac_list, tubes=tubes, truth_ids=truth_ids, tissue_ok=tissue_ok,
+                      below_pvs=below_pvs.astype(np.float32, copy=False),
+                      above_pvs=[(vessel, c["void"]), (lac_rim, c["rim"]), (lac_core, c["csf"])],
+                      intensities=c, sigma=sigma)
     return PhantomSubject(image=image, mask=mask.astype(np.uint8), truth=truth.astype(np.uint8), labels=labels,
                           affine=affine, pvs_fraction=pvs_w, lacunes=(lac_core + lac_rim) >= 0.5,
-                          mimics={"wmh": wmh, "sulci": sulci, "vessels": vessel}, covariates=covariates)
+                          mimics={"wmh": wmh, "sulci": sulci, "vessels": vessel}, covariates=covariates,
+                          scene=scene)

@@ -24,9 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model the others are tested against (added to --models if absent; default: the first "
                         "stock nnU-Net model (nnUNetTrainer or a variant such as nnUNetTrainer_budget), else the "
                         "first network)")
-    p.add_argument("--protocol", choices=("nnunet", "cai"), default="nnunet",
-                   help="nnunet: each fold's validation cases (default); cai: each fold's test group from "
-                        "`nnunet-pvs splits --protocol cai`, predicted by the model trained without it")
+    p.add_argument("--cv-protocol", "--protocol", dest="protocol", choices=("nnunet", "cai"), default="nnunet",
+                   help="which cases each fold model scores: nnunet: its validation cases (default); cai: its test "
+                        "group from `nnunet-pvs splits --protocol cai`, predicted by the model trained without it. "
+                        "(--protocol is the older name; the challenges' counting rules are --eval-protocol)")
     p.add_argument("-o", "--output", required=True, type=Path, help="report folder (report.md, CSVs, PNGs)")
     p.add_argument("--folds", nargs="+", type=int, default=list(DEFAULT_FOLDS),
                    help="folds that must be complete (default 0 1 2 3 4)")
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where test-set predictions go, one subfolder per model, reused when complete "
                         "(default: <output>_predictions)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "mps"),
-                   help="device for predictions (--test-set, @checkpoint models, --protocol cai) (default cuda)")
+                   help="device for predictions (--test-set, @checkpoint models, --cv-protocol cai) (default cuda)")
     p.add_argument("--classical-ridges", "--frangi-ridges", dest="frangi_ridges", choices=("auto", "bright", "dark"),
                    default="auto", help="classical/frangi: look for bright (T2w: white top-hat) or dark (T1w: black "
                                         "top-hat) ridges; auto reads channel 0's name in dataset.json")

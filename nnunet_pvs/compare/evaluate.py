@@ -11,13 +11,11 @@ evaluated against it with :func:`nnunet_pvs.evaluation.case.evaluate_case`.
 from __future__ import annotations
 
 import argparse
-import sys
-from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
+from nnunet_pvs.case_loop import map_cases
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.case import Options, evaluate_case
@@ -87,19 +85,8 @@ def evaluate_models(cases: list[str], refs: dict[str, Path], preds: dict[str, di
     models = list(preds)
     ids = set(refs)
     jobs = [(c, refs[c], {m: preds[m][c] for m in models}, region_dir, opts, tol, ids) for c in cases]
-    rows: list[dict] = []
-    # the bar is closed before an error propagates, so the error line starts on a line of its own
-    with tqdm(total=len(jobs) * len(models), desc="compare: evaluate", unit="prediction", file=sys.stderr) as bar:
-        if num_processes > 1 and len(jobs) > 1:
-            with get_context("fork").Pool(min(num_processes, len(jobs))) as pool:
-                for r in pool.imap(_one_case, jobs):
-                    rows += r
-                    bar.update(len(models))
-        else:
-            for job in jobs:
-                bar.set_postfix_str(job[0])
-                rows += _one_case(job)
-                bar.update(len(models))
+    rows = [row for r in map_cases(_one_case, jobs, processes=num_processes, desc="compare: evaluate",
+                                   unit="prediction", weight=len(models)) for row in r]
     df = pd.DataFrame(rows)
     df["model"] = pd.Categorical(df["model"], categories=models, ordered=True)
     return df.sort_values(["region", "case", "model"], kind="stable").reset_index(drop=True).assign(

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nnunet_pvs.errors import UserError
 from nnunet_pvs.staging import check_output_folder, check_writable_target, earlier_layout, staged_folder
 from nnunet_pvs import metric_registry
 from nnunet_pvs.compare.training_progress import LEARN_FLOOR, MIN_EPOCHS, NOT_LEARNING, RISE_TOL
@@ -229,13 +228,13 @@ def render_markdown(d: ReportData, plots: bool) -> str:
     if not d.models_table.empty:
         out += ["## Models: checkpoint, budget and convergence", "",
                 "Budget = epochs run x training iterations per epoch, read from each fold's `training_log_*.txt` "
-                "and `debug.json`. Convergence: the EMA pseudo Dice nnU-Net logs per epoch; a fold is "
+                "and `debug.json`, as are the batch size and the training device. Convergence: the EMA pseudo Dice nnU-Net logs per epoch; a fold is "
                 f"\"not converged at this budget\" when it rose by more than {RISE_TOL} over the last fifth of the "
                 f"epochs, \"undetermined\" with fewer than {MIN_EPOCHS} epochs, and \"{NOT_LEARNING}\" when it "
                 f"never exceeded {LEARN_FLOOR} (the network still predicts background only).", ""]
         mt = d.models_table.rename(columns={
             "model": "Model", "status": "Status", "checkpoint": "Checkpoint used (classical: filter chosen)",
-            "budget": "Budget run",
+            "budget": "Budget run", "batch_size": "Batch", "device": "Device",
             "convergence": "Convergence", "ema_pseudo_dice_last": "final EMA pseudo Dice (mean of folds)"})
         out += [markdown_table(mt), ""]
     if not d.classical.empty:

@@ -94,7 +94,9 @@ class CompareOptions:
             if val is not None:
                 a += [opt, str(val)]
         defaults = {f.name: f.default for f in fields(self)}
-        for name in ("protocol", "device", "connectivity", "match", "n_boot", "seed", "holm_family", "alpha",
+        if self.protocol != defaults["protocol"]:
+            a += ["--cv-protocol", self.protocol]
+        for name in ("device", "connectivity", "match", "n_boot", "seed", "holm_family", "alpha",
                      "num_processes", "geometry_tol", "frangi_ridges"):
             if getattr(self, name) != defaults[name]:
                 a += ["--" + name.replace("_", "-"), str(getattr(self, name))]
@@ -151,9 +153,9 @@ def validate_options(opts: CompareOptions) -> None:
     if opts.holm_family not in ("metric", "all"):
         bad(f"--holm-family must be 'metric' or 'all', got {opts.holm_family!r}")
     if opts.protocol not in ("nnunet", "cai"):
-        bad(f"--protocol {opts.protocol!r}: choose nnunet (5-fold validation) or cai (test groups)")
+        bad(f"--cv-protocol {opts.protocol!r}: choose nnunet (5-fold validation) or cai (test groups)")
     if opts.protocol == "cai" and opts.test_set is not None:
-        bad("--protocol cai scores the training cases' test groups; it cannot be combined with --test-set")
+        bad("--cv-protocol cai scores the training cases' test groups; it cannot be combined with --test-set")
     if opts.frangi_ridges not in classical.RIDGES:
         bad(f"--frangi-ridges {opts.frangi_ridges!r}: choose auto, bright or dark")
     try:
@@ -215,7 +217,7 @@ def _splits(name: str) -> list[dict]:
     try:
         splits = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path} not found: classical filters, @checkpoint models and --protocol cai need the folds "
+        raise UserError(f"{path} not found: classical filters, @checkpoint models and --cv-protocol cai need the folds "
                         "(nnunet-pvs splits, or the file nnU-Net writes when it first trains)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
@@ -232,7 +234,7 @@ def _cai_test_groups(name: str, splits: list[dict], folds: list[int]) -> dict[in
         data = json.loads(path.read_text())
         groups = {int(f["fold"]): list(f["test"]) for f in data["folds"]}
     except FileNotFoundError:
-        raise UserError(f"{path} not found: --protocol cai needs the test groups written by "
+        raise UserError(f"{path} not found: --cv-protocol cai needs the test groups written by "
                         f"`nnunet-pvs splits -d {name} --protocol cai` before training") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable or not written by nnunet-pvs splits ({e})") from None
@@ -257,7 +259,47 @@ def _fold_cases(splits: list[dict], fold: int, key: str, name: str) -> list[str]
     return list(splits[fold][key])
 
 
+@dataclass
+class ComparePlan:
+    """What is compared, where it comes from and on which protocol (step 1 of :func:`run_compare`)."""
+
+    name: str
+    specs: list                # every model, the baseline included
+    base: g.ModelSpec
+    usable: list               # the models that are compared (complete ones)
+    networks: list             # the trained models among specs
+    results: dict              # network spec -> gathered nnU-Net results
+    excluded: dict[str, str]   # label -> why it is left out
+    folds: list[int]
+    raw_dir: Path
+    pred_root: Path
+    test_mode: bool
+    cai: bool
+    need_repredict: bool
+    splits: list[dict] | None
+
+    @property
+    def kind(self) -> str:
+        return "test" if self.test_mode else "cai" if self.cai else "cv"
+
+
+@dataclass
+class Predictions:
+    """Every compared model's predictions of the same cases (step 2)."""
+
+    preds: dict[str, dict[str, io.PredFiles]]
+    refs: dict[str, Path]
+    ref_dir: Path
+    cases: list[str]
+    mode: str
+    case_fold: dict[str, int]
+    notes: list[str]
+    classical_rows: list[dict]
+    classical_choice: dict[str, str]
+
+
 def run_compare(opts: CompareOptions) -> Path:
+    """Compare the models: plan -> predict -> evaluate -> report (or write the SLURM script)."""
     validate_options(opts)
     specs, base = parse_models(opts)
     # before anything is read, trained or predicted (and before a SLURM script promises a report there):
@@ -268,6 +310,16 @@ def run_compare(opts: CompareOptions) -> Path:
 
         trainable = list(dict.fromkeys(s.network for s in specs if not s.is_classical))
         return write_slurm_script(opts, trainable, base.network)
+    plan = plan_comparison(opts, specs, base)
+    predicted = predict_models(opts, plan)
+    per_case, stats, ev_opts = evaluate_comparison(opts, plan, predicted)
+    report = write_comparison_report(opts, plan, predicted, per_case, stats, ev_opts)
+    print(f"compared {len(plan.usable)} model(s) on {len(predicted.cases)} case(s); report: {report}")
+    return report
+
+
+def plan_comparison(opts: CompareOptions, specs: list, base: g.ModelSpec) -> ComparePlan:
+    """Find every model's results, leave out incomplete ones (not the baseline), decide what must be predicted."""
     name = g.resolve_dataset(opts.dataset)
     results_dir = g.env_dir("nnUNet_results") / name
     if not results_dir.is_dir():
@@ -296,17 +348,24 @@ def run_compare(opts: CompareOptions) -> Path:
         raise UserError(f"no complete model besides the baseline {base.label}:\n{listing}")
     for lab, why in excluded.items():
         print(f"compare: excluding {lab}: {why}", file=sys.stderr)
+    needs_folds = need_repredict or (not test_mode and any(s.is_classical for s in usable))
+    return ComparePlan(name=name, specs=specs, base=base, usable=usable, networks=networks, results=results,
+                       excluded=excluded, folds=folds, raw_dir=g.env_dir("nnUNet_raw") / name, pred_root=pred_root,
+                       test_mode=test_mode, cai=cai, need_repredict=need_repredict,
+                       splits=_splits(name) if needs_folds else None)
 
-    raw_dir = g.env_dir("nnUNet_raw") / name
+
+def predict_models(opts: CompareOptions, plan: ComparePlan) -> Predictions:
+    """Every model's predictions of the same cases: nnU-Net's validation outputs, re-predicted checkpoints,
+    test-set predictions, and the classical suite tuned on each fold's training subjects."""
+    name, usable, folds, splits, raw_dir = plan.name, plan.usable, plan.folds, plan.splits, plan.raw_dir
     images_tr = raw_dir / "imagesTr"
     ending = g.dataset_file_ending(raw_dir) or ".nii.gz"
     notes: list[str] = []
     preds: dict[str, dict[str, io.PredFiles]] = {}
     frangi_jobs: list[classical.FoldJob] = []
     target_images = images_tr
-    needs_folds = need_repredict or (not test_mode and any(s.is_classical for s in usable))
-    splits = _splits(name) if needs_folds else None
-    if test_mode:
+    if plan.test_mode:
         images = g.dataset_relative(opts.test_set, name)
         if not images.is_dir():
             raise UserError(f"--test-set {opts.test_set}: folder not found (absolute, or relative to "
@@ -321,7 +380,7 @@ def run_compare(opts: CompareOptions) -> Path:
         for s in tqdm([s for s in usable if not s.is_classical], desc="compare: predict", unit="model",
                       file=sys.stderr):
             chk = "" if s.checkpoint == g.FINAL else f"@{Path(s.checkpoint).stem}"
-            preds[s.label] = _predict_test_set(s, name, images, pred_root / f"{s.folder_name}{chk}", folds,
+            preds[s.label] = _predict_test_set(s, name, images, plan.pred_root / f"{s.folder_name}{chk}", folds,
                                                opts.device, expected)
         if any(s.is_classical for s in usable):
             train_all = sorted(io.list_niftis(raw_dir / "labelsTr")) if (raw_dir / "labelsTr").is_dir() else []
@@ -331,7 +390,7 @@ def run_compare(opts: CompareOptions) -> Path:
         case_fold = {}
     else:
         ref_dir = g.cv_reference_folder(name)
-        if cai:
+        if plan.cai:
             targets = _cai_test_groups(name, splits, folds)
             mode = (f"Cai et al. protocol (folds {', '.join(map(str, folds))}): each subject scored once, as a test "
                     "subject of the fold model trained without its group")
@@ -339,43 +398,39 @@ def run_compare(opts: CompareOptions) -> Path:
             targets = ({f: _fold_cases(splits, f, "val", name) for f in folds} if splits is not None else None)
             mode = (f"{len(folds)}-fold cross-validation (folds {', '.join(map(str, folds))}, nnU-Net validation "
                     "predictions, or re-predicted from the named checkpoint)")
-        role = "test" if cai else "val"
-        bar = tqdm(total=len(usable), desc="compare: gather", unit="model", file=sys.stderr)
-        for s in usable:
+        role = "test" if plan.cai else "val"
+        for s in tqdm(usable, desc="compare: gather", unit="model", file=sys.stderr):
             if s.is_classical:
-                bar.update()
                 continue
-            if s.checkpoint == g.FINAL and not cai:
-                preds[s.label] = g.validation_predictions(results[s])
+            if s.checkpoint == g.FINAL and not plan.cai:
+                preds[s.label] = g.validation_predictions(plan.results[s])
             else:
                 preds[s.label] = {}
                 for f in folds:
-                    out_dir = pred_root / s.folder_name / Path(s.checkpoint_file).stem / f"fold_{f}_{role}"
-                    got = repredict.predict_fold(results[s].folder, f, s.checkpoint_file, targets[f], images_tr,
-                                                 out_dir, opts.device, s.label)
+                    out_dir = plan.pred_root / s.folder_name / Path(s.checkpoint_file).stem / f"fold_{f}_{role}"
+                    got = repredict.predict_fold(plan.results[s].folder, f, s.checkpoint_file, targets[f],
+                                                 images_tr, out_dir, opts.device, s.label)
                     preds[s.label].update({c: io.PredFiles(seg=p) for c, p in got.items()})
-            bar.update()
-        bar.close()
         if any(s.is_classical for s in usable):
             frangi_jobs = [classical.FoldJob(f"fold_{f}", tuple(_fold_cases(splits, f, "train", name)),
                                              tuple(targets[f])) for f in folds]
         case_fold = {c: f for f in folds for c in (targets[f] if targets else [])}
 
     refs = io.list_niftis(ref_dir)
-    classical_summary, classical_choice = [], {}
+    classical_rows, classical_choice = [], {}
     if frangi_jobs:
         labels_tr = io.list_niftis(raw_dir / "labelsTr") if (raw_dir / "labelsTr").is_dir() else {}
         bright = classical.ridge_polarity(raw_dir, opts.frangi_ridges)
         for spec in (s for s in usable if s.is_classical):
             settings = classical.ClassicalSettings(bright, spec.classical_families, brain_mask=opts.frangi_mask)
             preds[spec.label], rows = classical.run_classical(
-                frangi_jobs, images_tr, labels_tr, target_images, refs, pred_root / spec.folder_name, settings,
+                frangi_jobs, images_tr, labels_tr, target_images, refs, plan.pred_root / spec.folder_name, settings,
                 ending, label=spec.label)
-            classical_summary += [{"model": spec.label, **r} for r in rows]
+            classical_rows += [{"model": spec.label, **r} for r in rows]
             classical_choice[spec.label] = classical.describe_choices(rows)
         notes.append(f"classical: {classical.describe_suite(bright, opts.frangi_mask)}; per model the filter, scales "
                      f"and threshold tuned on each fold's training subjects only (mean Dice), applied unchanged to "
-                     f"its {'test' if test_mode or cai else 'validation'} subjects (`classical_tuning.csv`)")
+                     f"its {'test' if plan.test_mode or plan.cai else 'validation'} subjects (`classical_tuning.csv`)")
 
     sets = {lab: set(p) for lab, p in preds.items()}
     if len({frozenset(s) for s in sets.values()}) > 1:
@@ -390,12 +445,14 @@ def run_compare(opts: CompareOptions) -> Path:
     if unpredicted:
         notes.append(f"{len(unpredicted)} reference case(s) in `{ref_dir}` were predicted by no model and are "
                      f"not evaluated: {', '.join(unpredicted[:20])}{' ...' if len(unpredicted) > 20 else ''}")
+    return Predictions(preds={s.label: preds[s.label] for s in usable}, refs=refs, ref_dir=ref_dir, cases=cases,
+                       mode=mode, case_fold=case_fold, notes=notes, classical_rows=classical_rows,
+                       classical_choice=classical_choice)
 
-    models_table, warnings = describe_models(specs, results, excluded, folds,
-                                             "test" if test_mode else "cai" if cai else "cv", classical_choice)
-    for w in warnings:
-        print(f"compare: WARNING: {w}", file=sys.stderr)
 
+def evaluate_comparison(opts: CompareOptions, plan: ComparePlan,
+                        predicted: Predictions) -> tuple[pd.DataFrame, pd.DataFrame, Options]:
+    """Per-case metrics of every model, then paired tests of each against the baseline."""
     ev_opts = opts.evaluation or Options(threshold=0.5, thresholds=(), min_cluster_sizes=(0,),
                                          connectivity=opts.connectivity, rule=MatchRule.parse(opts.match))
     available = metric_columns(ev_opts)
@@ -404,32 +461,39 @@ def run_compare(opts: CompareOptions) -> Path:
         raise UserError(f"--metrics {','.join(unknown)}: not computed with these options; available: "
                         f"{', '.join(available)}")
     stats_metrics = STATS_METRICS + [m for m in opts.extra_metrics if m not in STATS_METRICS]
-    labels = [s.label for s in usable]
-    preds = {lab: preds[lab] for lab in labels}
-    per_case = evaluate_models(cases, refs, preds, ev_opts, opts.regions, opts.geometry_tol, opts.num_processes)
-    if case_fold:
-        per_case.insert(2, "fold", per_case["case"].map(case_fold))
-    stats = paired_tests(per_case, base.label, labels, stats_metrics, n_boot=opts.n_boot, seed=opts.seed,
-                         family=opts.holm_family, alpha=opts.alpha)
-    cost = pd.DataFrame([model_cost(s.label, results[s].folder, folds,
-                                    "compared" if s.label not in excluded else "excluded")
-                         for s in specs if not s.is_classical])
+    per_case = evaluate_models(predicted.cases, predicted.refs, predicted.preds, ev_opts, opts.regions,
+                               opts.geometry_tol, opts.num_processes)
+    if predicted.case_fold:
+        per_case.insert(2, "fold", per_case["case"].map(predicted.case_fold))
+    stats = paired_tests(per_case, plan.base.label, list(predicted.preds), stats_metrics, n_boot=opts.n_boot,
+                         seed=opts.seed, family=opts.holm_family, alpha=opts.alpha)
+    return per_case, stats, ev_opts
+
+
+def write_comparison_report(opts: CompareOptions, plan: ComparePlan, predicted: Predictions,
+                            per_case: pd.DataFrame, stats: pd.DataFrame, ev_opts: Options) -> Path:
+    """The report folder: models with budgets and convergence, training cost, per-case metrics, tests, plots."""
+    models_table, warnings = describe_models(plan.specs, plan.results, plan.excluded, plan.folds, plan.kind,
+                                             predicted.classical_choice)
+    for w in warnings:
+        print(f"compare: WARNING: {w}", file=sys.stderr)
+    cost = pd.DataFrame([model_cost(s.label, plan.results[s].folder, plan.folds,
+                                    "compared" if s.label not in plan.excluded else "excluded")
+                         for s in plan.networks])
     fold_rows = pd.DataFrame([{"model": s.label, "fold": f.fold, "status": f.status, "reason": f.reason}
-                              for s in networks for f in results[s].folds])
+                              for s in plan.networks for f in plan.results[s].folds])
     data = ReportData(
-        title=f"nnU-Net model comparison on {name}", command=shlex.join(opts.compare_argv()), mode=mode,
-        dataset=name, reference=ref_dir, baseline=base.label, models=labels, excluded=excluded,
-        folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=notes, warnings=warnings,
-        models_table=models_table, classical=pd.DataFrame(classical_summary),
+        title=f"nnU-Net model comparison on {plan.name}", command=shlex.join(opts.compare_argv()), mode=predicted.mode,
+        dataset=plan.name, reference=predicted.ref_dir, baseline=plan.base.label, models=list(predicted.preds),
+        excluded=plan.excluded, folds=fold_rows, per_case=per_case, stats=stats, cost=cost, notes=predicted.notes,
+        warnings=warnings, models_table=models_table, classical=pd.DataFrame(predicted.classical_rows),
         settings={"match": str(ev_opts.rule), "connectivity": ev_opts.connectivity, "holm_family": opts.holm_family,
-                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "protocol": opts.protocol,
+                  "alpha": opts.alpha, "n_boot": opts.n_boot, "seed": opts.seed, "cv_protocol": opts.protocol,
                   "eval_protocols": ",".join(ev_opts.protocols) or "none", "nsd_tolerance_mm": ev_opts.nsd_tolerance,
                   "surface_connectivity": ev_opts.surface_connectivity, "region_mode": ev_opts.region_mode,
                   "size_groups": str(ev_opts.size_groups) if ev_opts.size_groups else "none",
                   "extra_metrics": ",".join(opts.extra_metrics) or "none"})
-    report = write_report(opts.output, data, plots=opts.plots)
-    print(f"compared {len(labels)} model(s) on {len(cases)} case(s); report: {report}")
-    return report
+    return write_report(opts.output, data, plots=opts.plots)
 
 
 def _refuse_unsafe_models(results: dict, folds: list[int], predicts: bool) -> None:
@@ -469,13 +533,13 @@ def describe_models(specs, results, excluded, folds, kind: str,
                     classical_choice: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One row per model (checkpoint, budget run, convergence; for a classical model the filters
     chosen per fold in place of the checkpoint) and the warnings a reader must see."""
-    rows, budgets = [], {}
+    rows, budgets, batches = [], {}, {}
     for s in specs:
         if s.is_classical:
             chosen = (classical_choice or {}).get(s.label, "-")
             rows.append({"model": s.label, "status": "compared", "checkpoint": chosen,
                          "budget": "tuned on all training cases" if kind == "test" else "tuned on training folds",
-                         "convergence": "-", "ema_pseudo_dice_last": math.nan})
+                         "batch_size": "-", "device": "-", "convergence": "-", "ema_pseudo_dice_last": math.nan})
             continue
         prog = model_progress(results[s].folder, folds)
         if s.checkpoint == g.FINAL:
@@ -488,11 +552,17 @@ def describe_models(specs, results, excluded, folds, kind: str,
             chk = f"{s.checkpoint} (after {_checkpoint_epoch(results[s].folder, folds, s.checkpoint)} epochs)"
         last = [f.ema[-1] for f in prog["folds"] if f.ema]
         rows.append({"model": s.label, "status": "excluded" if s.label in excluded else "compared",
-                     "checkpoint": chk, "budget": prog["budget"], "convergence": prog["convergence"],
+                     "checkpoint": chk, "budget": prog["budget"], "batch_size": prog["batch_size"],
+                     "device": prog["device"], "convergence": prog["convergence"],
                      "ema_pseudo_dice_last": float(np.mean(last)) if last else math.nan})
         if s.label not in excluded:
             budgets.setdefault(prog["budget"], []).append(s.label)
+            batches.setdefault(prog["batch_size"], []).append(s.label)
     warnings = []
+    if len(batches) > 1:
+        warnings.append("models were trained with different batch sizes ("
+                        + "; ".join(f"{', '.join(m)}: {b}" for b, m in batches.items())
+                        + "), so at equal iterations they saw different numbers of patches.")
     if len(budgets) > 1:
         warnings.append("models were trained with different budgets (epochs x iterations per epoch): "
                         + "; ".join(f"{', '.join(m)}: {b}" for b, m in budgets.items())

@@ -46,6 +46,8 @@ class FoldProgress:
     epochs: int | None = None                 # epochs run
     iterations: int | None = None             # training iterations per epoch
     planned_epochs: int | None = None
+    batch_size: int | None = None             # patches per iteration (debug.json)
+    device: str = ""                          # training device, e.g. cpu or cuda:0 (and the GPU's name)
     ema: list[float] = field(default_factory=list)
     source: str = ""                          # where the EMA series came from
     verdict: str = UNDETERMINED
@@ -138,6 +140,10 @@ def fold_progress(fold_dir: Path, fold: int) -> FoldProgress:
             debug = {}
     p.iterations = _debug_int(debug, "num_iterations_per_epoch")
     p.planned_epochs = _debug_int(debug, "num_epochs")
+    p.batch_size = _debug_int(debug, "batch_size")
+    p.device = str(debug.get("device", ""))
+    if debug.get("gpu_name"):
+        p.device += f" ({debug['gpu_name']})"
     epochs, dice = pseudo_dice_from_logs(fold_dir)
     if epochs:
         p.epochs = len(epochs)
@@ -186,5 +192,8 @@ def model_verdict(folds: list[FoldProgress]) -> str:
 def model_progress(model_folder: Path, folds: list[int]) -> dict:
     """Budget, convergence and per-fold detail of one trained model."""
     per = [fold_progress(Path(model_folder) / f"fold_{f}", f) for f in folds]
+    batches = sorted({f.batch_size for f in per if f.batch_size is not None})
+    devices = sorted({f.device for f in per if f.device})
     return {"budget": budget_text(per), "budget_key": tuple((f.epochs, f.iterations) for f in per),
+            "batch_size": ", ".join(map(str, batches)) or "?", "device": ", ".join(devices) or "?",
             "convergence": model_verdict(per), "folds": per}

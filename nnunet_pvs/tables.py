@@ -1,4 +1,8 @@
-"""Reading the user's CSV/TSV tables (manifests, covariates.csv, participants.tsv) strictly.
+"""Tables in and out: the user's CSV/TSV tables read strictly, ours written one way.
+
+Every command writes its CSVs through :func:`write_csv` (no index, a stated number of significant
+digits, atomically when the file is not inside a staging folder), so two tables of the project never
+disagree on format. Reading the user's tables (manifests, covariates.csv, participants.tsv):
 
 Spreadsheet exports go wrong in ways pandas accepts silently or answers with a traceback: an
 empty file, a non-UTF-8 encoding, a row with more or fewer cells than the header, a repeated or
@@ -102,3 +106,19 @@ def read_table(path: Path, what: str, required: tuple[str, ...] = (), id_column:
                 raise UserError(f"{path}: {id_column} {first_dup!r} appears on lines "
                                 f"{', '.join(map(str, at))}; one row per subject")
     return df
+
+
+def write_csv(df: pd.DataFrame, path: Path, digits: int = 10, atomic: bool = False) -> None:
+    """Write one of our tables: no index, ``digits`` significant digits for floats.
+
+    Inside a staging folder (``nnunet_pvs.staging.staged_folder``) the folder's rename makes the output
+    appear at once; a file written on its own (a resumable per-subject result) passes ``atomic=True``
+    and is written to a temporary name and renamed, so a reader never sees half a table.
+    """
+    fmt = f"%.{int(digits)}g"
+    if atomic:
+        from nnunet_pvs.staging import write_file_atomic
+
+        write_file_atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False, float_format=fmt))
+    else:
+        df.to_csv(path, index=False, float_format=fmt)
