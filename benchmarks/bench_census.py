@@ -13,6 +13,15 @@ Timed, best of --repeats:
     without the PNG), and, for information, the PNG mosaic.
 Results are printed and written to benchmarks/results/census.md. Run:
     .venv/bin/python benchmarks/bench_census.py [--repeats 3]
+
+Cohort scale (``--cohort N``, issue 27): N whole-brain subjects of that phantom (.npz/.pkl as nnU-Net
+writes them, aseg region maps) censused by the installed command with ``-np 2``, timed as a user
+runs it: the first run, a resumed run (everything already done), ``--merge``, and the gathering of
+the inputs of 40,000 subjects (empty files: only names are read). From the subjects per hour on
+2 cores it projects 40,000 subjects on one 16-core node and on a SLURM array (census only; the
+nnU-Net prediction before it is another matter, see predict_cpu.md). Written to
+benchmarks/results/census_cohort.md:
+    .venv/bin/python benchmarks/bench_census.py --cohort 4 [--plots]
 """
 
 from __future__ import annotations
@@ -21,6 +30,9 @@ import argparse
 import os
 import pickle
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -143,12 +155,158 @@ def best_of(fn, repeats):
     return best[0], best[1], out
 
 
+def write_subject(folder: Path, case: str, prob: np.ndarray, aseg: np.ndarray) -> None:
+    """CASE.npz + CASE.pkl as nnU-Net's export writes them (SimpleITK reader), CASE.nii.gz nnU-Net's
+    segmentation, and regions/CASE.nii.gz."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    pred, regions = folder / "pred", folder / "regions"
+    pred.mkdir(exist_ok=True)
+    regions.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(aseg, AFFINE), regions / f"{case}.nii.gz")
+    nib.save(nib.Nifti1Image((prob >= 0.5).astype(np.uint8), AFFINE), pred / f"{case}.nii.gz")
+    _, props = SimpleITKIO().read_images([str(pred / f"{case}.nii.gz")])
+    fg = prob.transpose(2, 1, 0)
+    np.savez_compressed(pred / f"{case}.npz", probabilities=np.stack([1 - fg, fg]).astype(np.float32))
+    with open(pred / f"{case}.pkl", "wb") as f:
+        pickle.dump(props, f)
+
+
+def timed(cmd: list, env: dict) -> tuple[float, float]:
+    """(wall s, CPU s of the command and its worker processes)."""
+    import resource
+
+    t, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter() - t, (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+
+
+def merge_seconds(out: Path, m: int) -> float:
+    """Seconds to assemble the tables of ``m`` subjects (copies of one real subject's folder), in process."""
+    import json
+
+    from nnunet_pvs.census import cohort
+
+    manifest = json.loads((out / "cohort.json").read_text())
+    big = out.parent / "merge_many"
+    src = out / "cases" / manifest["cases"][0]
+    ids = [f"x{k:06d}" for k in range(m)]
+    tables = {name: (src / name).read_text().split("\n") for name in ("clusters.csv", "subjects.csv")}
+    first = manifest["cases"][0]
+    for c in ids:
+        shutil.copytree(src, big / "cases" / c)
+        for name, rows in tables.items():   # the rows as this subject's (the case is the first column)
+            (big / "cases" / c / name).write_text("\n".join(
+                [rows[0]] + [c + r[len(first):] if r else r for r in rows[1:]]))
+    shutil.copy(out / ".nnunet-pvs.json", big / ".nnunet-pvs.json")
+    manifest["cases"] = ids
+    t = time.perf_counter()
+    cohort.assemble(big, manifest)
+    return time.perf_counter() - t
+
+
+def gather_seconds(n_ids: int) -> float:
+    """gather_cases over n_ids predictions with region maps (empty files: it reads names only)."""
+    from nnunet_pvs.census.inputs import gather_cases
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pred, reg = Path(tmp) / "pred", Path(tmp) / "reg"
+        pred.mkdir()
+        reg.mkdir()
+        for k in range(n_ids):
+            (pred / f"sub-{k:06d}.nii.gz").touch()
+            (reg / f"sub-{k:06d}.nii.gz").touch()
+        t = time.perf_counter()
+        cases, _, _ = gather_cases(pred, None, reg, False)
+        assert len(cases) == n_ids
+        return time.perf_counter() - t
+
+
+def cohort_benchmark(args) -> None:
+    n, np_ = args.cohort, 2
+    cli = Path(sys.executable).parent / "nnunet-pvs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    subjects = [phantom(seed=s, n_clusters=args.clusters) for s in range(min(n, 2))]
+    print(f"phantoms: {time.perf_counter() - t0:.1f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for k in range(n):
+            write_subject(tmp, f"sub-{k:03d}", *subjects[k % len(subjects)])
+        out = tmp / "census"
+        cmd = [cli, "census", "-i", tmp / "pred", "-o", out, "--regions", tmp / "regions", "-np", np_]
+        if not args.plots:
+            cmd.append("--no-plots")
+        load0 = os.getloadavg()[0]
+        first, first_cpu = timed(cmd, env)
+        resumed, _ = timed(cmd, env)
+        merge, _ = timed([cli, "census", "--merge", out], env)
+        n_clusters = len((out / "clusters.csv").read_text().splitlines()) - 1
+        merge_many = merge_seconds(out, args.merge_ids)
+    gather = gather_seconds(args.gather_ids)
+    per_hour = n / first * 3600
+    per_core_hour = per_hour / np_
+    cpu_core_hour = 3600 / (first_cpu / n)
+    assemble_per_subject = merge_many / args.merge_ids
+    total = 40_000
+    merge_h = assemble_per_subject * total / 3600
+    lines = [
+        "# Census at cohort scale", "",
+        f"{n} whole-brain subjects (197 x 233 x 189 at 1 mm, about {n_clusters // n} clusters each, nnU-Net "
+        f".npz/.pkl probabilities and aseg region maps; `bench_census.py --cohort {n}`), "
+        f"{'with' if args.plots else 'without'} the overlay PNGs, `nnunet-pvs census -np {np_}` as a user runs "
+        f"it (process start and imports included). {platform.machine()}, {os.cpu_count()} logical CPUs, load "
+        f"average {load0:.1f} before and {os.getloadavg()[0]:.1f} after (on a shared machine the wall times "
+        "include waiting for a core; the CPU times do not). The subjects are "
+        f"{min(n, 2)} phantom(s) in turn (the files of each subject are its own).", "",
+        "| run | wall s | per subject |", "|---|---|---|",
+        f"| first run, -np {np_} | {first:.1f} | {first / n:.2f} s wall, {first_cpu / n:.2f} CPU s |",
+        f"| the same again: every subject already done, skipped | {resumed:.1f} | - |",
+        f"| `--merge` of these {n} subjects (tables, summary, report) | {merge:.1f} | - |",
+        f"| assembling the tables of {args.merge_ids} subjects (copies of one), in process | {merge_many:.1f} | "
+        f"{assemble_per_subject * 1000:.1f} ms |",
+        f"| gathering the inputs of {args.gather_ids:,} subjects (predictions + region maps) | {gather:.2f} | - |", "",
+        f"**Throughput: {per_hour:.0f} subjects per hour on {np_} cores** as measured (wall time, "
+        f"{per_core_hour:.0f} per core-hour); {cpu_core_hour:.0f} per core-hour from the CPU time, what an "
+        "idle core would give.", "",
+        "Projection for 40,000 subjects (UK Biobank scale), census only (the prediction is separate), assuming "
+        "the throughput per core stays the same (each subject is independent; reading the .npz dominates, so "
+        "a slow shared file system lowers it). Two figures: from the measured wall time / from the CPU time.", "",
+        "| where | wall time |", "|---|---|",
+        f"| 2 cores (this machine), -np 2 | {total / per_hour:.0f} h / {total / (cpu_core_hour * 2):.0f} h |",
+        f"| one 16-core node, -np 16 | {total / (per_core_hour * 16):.1f} h / {total / (cpu_core_hour * 16):.1f} h |",
+    ]
+    for tasks in (10, 50, 200):
+        lines.append(f"| SLURM array of {tasks} tasks x 8 cores (`--emit-slurm --num-parts {tasks}`, -np 8), "
+                     f"then the merge | {total / (per_core_hour * 8 * tasks):.2f} h / "
+                     f"{total / (cpu_core_hour * 8 * tasks):.2f} h, + merge {merge_h:.2f} h |")
+    lines += ["", f"The merge is projected at {assemble_per_subject * 1000:.1f} ms per subject (reading each "
+              "subject's record and rows, writing the tables and the report); it runs once, on one core, after "
+              "the array."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.cohort_out.parent.mkdir(parents=True, exist_ok=True)
+    args.cohort_out.write_text(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clusters", type=int, default=1200, help="tubes placed (some merge; default 1200)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "census.md")
+    ap.add_argument("--cohort", type=int, default=0, metavar="N",
+                    help="instead: the cohort benchmark on N whole-brain subjects with -np 2")
+    ap.add_argument("--plots", action="store_true", help="cohort benchmark with the overlay PNGs")
+    ap.add_argument("--gather-ids", type=int, default=40_000, help="ids in the gathering benchmark (default 40000)")
+    ap.add_argument("--merge-ids", type=int, default=400, help="subjects in the assembly benchmark (default 400)")
+    ap.add_argument("--cohort-out", type=Path, default=Path(__file__).parent / "results" / "census_cohort.md")
     args = ap.parse_args()
+    if args.cohort:
+        cohort_benchmark(args)
+        return
     t0 = time.perf_counter()
     prob, aseg = phantom(n_clusters=args.clusters)
     print(f"phantom: {time.perf_counter() - t0:.1f} s")
@@ -186,7 +344,7 @@ def main() -> None:
             assert sub.loc[name, "n_clusters"] == len(ids), name
         t_worker, c_worker, _ = best_of(lambda: run_case((case, tmp / "regions", opts, tmp / "out")), args.repeats)
         t_png, c_png, _ = best_of(lambda: run_case((case, tmp / "regions", Options(plots=True), tmp / "out")), 1)
-        png_kb = (tmp / "out" / "overlays" / "sub.png").stat().st_size / 1024
+        png_kb = (tmp / "out" / "overlay.png").stat().st_size / 1024
     n = len(cl)
     regions_count = cl["region"].value_counts().to_dict()
     lines = [

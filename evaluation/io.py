@@ -2,10 +2,12 @@
 
 Predictions come as binary NIfTI masks, or as nnU-Net probability files (``--save_probabilities``
 / ``--npz``): ``CASE.npz`` holding ``probabilities`` of shape (C, z, y, x) and ``CASE.pkl`` with
-the image properties. nnU-Net reads NIfTIs with SimpleITK, whose arrays are in reversed axis
-order relative to nibabel's (x, y, z), so the foreground channel is transposed back before it is
-compared with the reference (see nnunetv2/imageio/simpleitk_reader_writer.py and
-nnunetv2/inference/export_prediction.py).
+the image properties. nnU-Net's readers give arrays in reversed axis order relative to nibabel's
+(x, y, z), so the foreground channel is transposed back before it is compared with the reference
+(see nnunetv2/imageio/simpleitk_reader_writer.py and nnunetv2/inference/export_prediction.py).
+The geometry comes from whichever reader the dataset used: SimpleITKIO (``sitk_stuff``: spacing,
+origin, direction) or NibabelIO / NibabelIOWithReorient (``nibabel_stuff``: the file's affine, and
+for the latter the RAS reorientation that is undone; see ``_nibabel_volume``).
 """
 
 from __future__ import annotations
@@ -188,17 +190,69 @@ def read_probabilities(npz: Path, case: str) -> Volume:
     np.clip(fg, 0.0, 1.0, out=fg)
     try:
         props = load_properties(pkl)
-        st = props["sitk_stuff"]
-        spacing = tuple(float(s) for s in st["spacing"])
-        direction = np.asarray(st["direction"], float).reshape(3, 3)
-        affine = np.eye(4)
-        affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
-        affine[:3, 3] = _LPS_TO_RAS @ np.asarray(st["origin"], float)
     except UnsafeFileError:
         raise
     except Exception as e:
         raise UserError(f"{case}: cannot read nnU-Net properties {pkl}: {e}") from None
-    return Volume(fg, spacing, affine)
+    try:
+        if isinstance(props, dict) and "sitk_stuff" in props:
+            return Volume(fg, *_sitk_geometry(props["sitk_stuff"]))
+        if isinstance(props, dict) and "nibabel_stuff" in props:
+            return _nibabel_volume(fg, props, pkl)
+    except UserError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a field missing or malformed
+        raise UserError(f"{case}: cannot read the geometry in nnU-Net properties {pkl}: "
+                        f"{type(e).__name__}: {e}") from None
+    keys = sorted(props) if isinstance(props, dict) else type(props).__name__
+    raise UserError(f"{case}: nnU-Net properties {pkl} hold neither 'sitk_stuff' (SimpleITKIO) nor "
+                    f"'nibabel_stuff' (NibabelIO) geometry (found {keys})")
+
+
+def _sitk_geometry(st: dict) -> tuple[tuple[float, float, float], np.ndarray]:
+    """Spacing and RAS affine of SimpleITKIO's properties (spacing, origin, direction in LPS)."""
+    spacing = tuple(float(s) for s in st["spacing"])
+    direction = np.asarray(st["direction"], float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(spacing)
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(st["origin"], float)
+    return spacing, affine
+
+
+def _nibabel_volume(fg: np.ndarray, props: dict, pkl: Path) -> Volume:
+    """The foreground of a file written through nnU-Net's NibabelIO or NibabelIOWithReorient readers.
+
+    Both readers transpose nibabel's (x, y, z) array to (z, y, x) (undone by the caller) and keep the
+    file's affine as ``nibabel_stuff['original_affine']``; ``spacing`` is nibabel's zooms reversed.
+    NibabelIO leaves the voxel order as in the file, so the array lies on that affine.
+    NibabelIOWithReorient first reorients the image to the closest RAS orientation
+    (``as_reoriented(io_orientation(original_affine))``) and keeps that image's affine as
+    ``reoriented_affine``; its predictions are in that RAS voxel order, and its ``write_seg`` turns them
+    back to the file's orientation with ``ornt_transform(RAS, io_orientation(original_affine))``, so
+    the same is done here (nnunetv2/imageio/nibabel_reader_writer.py): the probabilities then lie on
+    the grid of the NIfTI nnU-Net writes beside them, and of the scan and reference.
+    """
+    from nibabel.orientations import (
+        apply_orientation,
+        axcodes2ornt,
+        io_orientation,
+        ornt_transform,
+    )
+
+    nb = props["nibabel_stuff"]
+    original = np.asarray(nb["original_affine"], float)
+    if original.shape != (4, 4):
+        raise UserError(f"{pkl}: nibabel_stuff['original_affine'] has shape {original.shape}; expected 4 x 4")
+    spacing_zyx = [float(v) for v in props["spacing"]]
+    if "reoriented_affine" in nb:
+        file_ornt = io_orientation(original)
+        # the array as the reader reoriented it: voxel axis j of the file went to axis file_ornt[j, 0]
+        fg = np.ascontiguousarray(apply_orientation(fg, ornt_transform(axcodes2ornt("RAS"), file_ornt)))
+        spacing_xyz = spacing_zyx[::-1]
+        spacing = tuple(spacing_xyz[int(file_ornt[j, 0])] for j in range(3))
+    else:
+        spacing = tuple(spacing_zyx[::-1])
+    return Volume(fg, spacing, original)
 
 
 def check_geometry(case: str, ref: Volume, ref_path: Path, other: Volume, other_path: Path,

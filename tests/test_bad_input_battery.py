@@ -53,7 +53,7 @@ def test_convert_refuses_masks_without_the_label_value(nnunet_env, tmp_path):
     rows = _subjects(d, mask_value=255)
     m = np.zeros((12, 12, 4), np.uint8)
     m[2:5, 6, :] = 1
-    _save(Path(rows[1]["mask"]), m)
+    _save(m, Path(rows[1]["mask"]))
     manifest = d / "manifest.csv"
     manifest.write_text(_csv(rows))
     raw = nnunet_env["nnUNet_raw"]
@@ -63,7 +63,7 @@ def test_convert_refuses_masks_without_the_label_value(nnunet_env, tmp_path):
              f"s1 ({rows[1]['mask']}: values 0, 1)", "--allow-empty-labels")
     assert _tree(d, raw) == before and not any(raw.iterdir())
     # a mask that is really empty (no labelled voxel at all) stays a warning, as before
-    _save(Path(rows[1]["mask"]), np.zeros_like(m))
+    _save(np.zeros_like(m), Path(rows[1]["mask"]))
     p = run_cli(args, env=nnunet_env["env"])
     assert "1 of 3 mask(s) are empty with --label-value 255" in p.stderr
     assert (raw / "Dataset070_Mixed" / "labelsTr" / "s0.nii.gz").is_file()
@@ -82,7 +82,7 @@ def _no_voxel_size(path: Path) -> Path:
 
 def test_regions_slices_refuse_a_label_map_without_voxel_size(tmp_path):
     src, out = tmp_path / "aseg", tmp_path / "masks"
-    _save(src / "a.nii.gz", _aseg())
+    _save(_aseg(), src / "a.nii.gz")
     bad = _no_voxel_size(src / "b.nii.gz")
     before = _tree(tmp_path)
     _refused(run_cli([CLI, "regions", "-i", src, "-o", out, "--slices"], check=False),

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
+from synthetic import save_nifti
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
@@ -70,10 +71,7 @@ def angle_deg(u, v) -> float:
     return math.degrees(math.acos(min(1.0, abs(float(np.dot(u, v))))))
 
 
-def save(arr, path: Path, affine) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(arr, affine), str(path))
-    return path
+save = save_nifti
 
 
 def write_nnunet_probabilities(prob: np.ndarray, like_nifti: Path, out_stem: Path) -> None:
@@ -393,10 +391,11 @@ def test_cli_binary_with_images_and_regions(cohort):
     assert summary["min_size_mm3"] == 0 and summary["inputs"]["images"] == str((tmp / "images").resolve())
     assert summary["kinds"] == ["binary"] and summary["n_clusters"] == 12
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and 'href="overlays/sub-02.png"' in html
+    # each subject's files are in its own folder (cases/CASE/), the report links there
+    assert html.count("data:image/png;base64,") == 2 and 'href="cases/sub-02/overlay.png"' in html
     assert "sub-03" in html and "<table" in html and "http" not in html.replace("http-equiv", "")
     for cid in subjects:
-        assert (out / "overlays" / f"{cid}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / "cases" / cid / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp.iterdir() if p.name.startswith(".census")]  # no temporary folder left
 
 
@@ -417,7 +416,7 @@ def test_cli_nnunet_probability_files_threshold_workers_and_label_maps(cohort):
     pd.testing.assert_frame_equal(ca[geo], cc[geo])
     assert (ca["max_prob"] >= ca["mean_prob"]).all() and (ca["mean_prob"] >= 0.4).all()
     m, prob, _ = subjects["sub-02"]
-    lab = nib.load(a / "labels" / "sub-02.nii.gz")
+    lab = nib.load(a / "cases" / "sub-02" / "labels.nii.gz")
     assert np.allclose(lab.affine, AFFINE, atol=1e-4)
     lab = np.asarray(lab.dataobj)
     rows = ca[ca["case"] == "sub-02"]
@@ -457,7 +456,7 @@ def test_cli_empty_prediction_is_zero_clusters(tmp_path):
     assert len(pd.read_csv(out / "clusters.csv")) == 0
     sub = pd.read_csv(out / "subjects.csv")
     assert list(sub["region"]) == ["whole"] and sub["n_clusters"].tolist() == [0]
-    assert (out / "overlays" / "empty.png").is_file() and (out / "report.html").is_file()
+    assert (out / "cases" / "empty" / "overlay.png").is_file() and (out / "report.html").is_file()
 
 
 def _census(args, capsys) -> tuple[int, str]:
@@ -504,9 +503,9 @@ def _bad(tmp: Path, what: str) -> tuple[list, str]:
     return args, str(f)
 
 
-@pytest.mark.parametrize("what", ["image_geometry", "region_shape", "not_binary", "nan_probabilities",
-                                  "image_missing", "regions_missing"])
+@pytest.mark.parametrize("what", ["image_missing", "regions_missing"])
 def test_bad_input_is_one_line_naming_the_file_exit_2_nothing_written(cohort, capsys, what):
+    """Inputs that do not pair are found before any subject is censused: nothing is written."""
     tmp, _ = cohort
     args, named = _bad(tmp, what)
     out = tmp / "new" / "census"
@@ -517,12 +516,34 @@ def test_bad_input_is_one_line_naming_the_file_exit_2_nothing_written(cohort, ca
     assert not out.exists() and not (tmp / "new").exists()
 
 
+@pytest.mark.parametrize("what", ["image_geometry", "region_shape", "not_binary", "nan_probabilities"])
+def test_a_subject_that_fails_a_check_is_listed_and_the_others_complete(cohort, capsys, what):
+    """Changed with the cohort-scale census (issue 27): one subject's bad file no longer stops the run.
+    It is listed in failures.csv with the one-line reason naming the file; the others are censused;
+    the run exits 1 with one line; nothing of the failed subject is in the tables or its folder."""
+    tmp, _ = cohort
+    args, named = _bad(tmp, what)
+    bad_case = Path(named).name.split(".")[0].split("_")[0]
+    out = tmp / "new" / "census"
+    rc, err = _census([*args, "-o", out], capsys)
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == (f"nnunet-pvs census: 1 of 3 subject(s) failed; listed with the reason "
+                                            f"in {out / 'failures.csv'}")
+    failures = pd.read_csv(out / "failures.csv", dtype=str)
+    assert list(failures["case"]) == [bad_case] and named in failures["reason"].iloc[0]
+    sub = pd.read_csv(out / "subjects.csv", dtype={"case": str})
+    assert sorted(set(sub["case"])) == sorted({"sub-01", "sub-02", "sub-03"} - {bad_case})
+    assert sorted(p.name for p in (out / "cases" / bad_case).iterdir()) == ["record.json"]
+
+
 def test_bad_input_through_the_installed_command(cohort):
     tmp, _ = cohort
     args, named = _bad(tmp, "not_binary")
     proc = run_cli([CLI, "census", *args, "-o", tmp / "o"], check=False)
-    assert proc.returncode == 2 and named in proc.stderr and "no probability file" in proc.stderr
-    assert not (tmp / "o").exists()
+    # changed with the cohort-scale census (issue 27): the subject is listed, the others complete, exit 1
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "1 of 3 subject(s) failed" in proc.stderr
+    reason = pd.read_csv(tmp / "o" / "failures.csv", dtype=str)["reason"].iloc[0]
+    assert named in reason and "no probability file" in reason
 
 
 def test_allow_missing_and_images_or_regions_of_ids_not_predicted(cohort, capsys):
@@ -564,13 +585,13 @@ def test_output_folder_rules(cohort, capsys):
     assert _census(["-i", tmp / "bin", "-o", out], capsys)[0] == 0
     (out / "stale.txt").write_text("from an earlier run")
     first = (out / "summary.json").read_text()
-    # a failing rerun leaves the earlier census untouched
-    args, _ = _bad(tmp, "not_binary")
+    # a rerun that stops on bad input before any subject leaves the earlier census untouched
+    args, _ = _bad(tmp, "image_missing")
     assert _census([*args, "-o", out], capsys)[0] == 2
     assert (out / "summary.json").read_text() == first and (out / "stale.txt").exists()
-    # a successful one replaces it as a whole
+    # changed with the cohort-scale census (issue 27): OUT is refilled subject by subject, so a rerun on
+    # other inputs redoes every subject and assembles new tables; files of the user's inside OUT are kept
     assert _census(["-i", tmp / "prob", "-o", out], capsys)[0] == 0
-    assert not (out / "stale.txt").exists()
     assert json.loads((out / "summary.json").read_text())["kinds"] == ["probabilities"]
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".census")) == []
 
@@ -613,7 +634,7 @@ def test_census_of_real_nnunet_predictions(nnunet_env, tmp_path):
     sub = pd.read_csv(out / "subjects.csv", dtype={"case": str})
     assert set(ids) == set(sub["case"]) and {"whole", "bg", "wm"} <= set(sub["region"])
     for cid in ids:
-        assert (out / "overlays" / f"{cid}.png").is_file()
+        assert (out / "cases" / cid / "overlay.png").is_file()
         # the binary segmentation nnU-Net wrote has the same grid as the probabilities we read
         seg = nib.load(pred / f"{cid}.nii.gz")
         assert s["cases"][ids.index(cid)]["shape"] == list(seg.shape)

@@ -408,15 +408,20 @@ def test_ctrl_c_in_evaluate_leaves_the_earlier_output_and_nothing_else(world, mo
     assert not (world / "new").exists() and _hidden(world) == []
 
 
-def test_ctrl_c_in_census_and_regions_leaves_nothing(world, monkeypatch):
+def test_ctrl_c_in_census_keeps_whole_subjects_and_regions_leaves_nothing(world, monkeypatch):
     from nnunet_pvs.census import case
     from nnunet_pvs.dataset_conversion import cli_regions
 
-    _interrupt(monkeypatch, case, "run_case", after=1)  # the first subject's files are in the stage
+    # the census is resumable: a subject finished before Ctrl-C stays (whole), the interrupted one leaves
+    # nothing, not even a hidden staging folder, and no cohort table is written
+    _interrupt(monkeypatch, case, "run_case", after=1)
     _interrupted(lambda: _census(world, world / "census"), "census")
+    cases = world / "census" / "cases"
+    assert [p.name for p in cases.iterdir()] == ["c1"] and _hidden(world / "census") == []
+    assert not (world / "census" / "subjects.csv").exists()
     _interrupt(monkeypatch, cli_regions, "region_masks", after=1)
     _interrupted(lambda: _regions(world, world / "masks"), "regions")
-    assert sorted(p.name for p in world.iterdir()) == ["in"]
+    assert sorted(p.name for p in world.iterdir()) == ["census", "in"]
 
 
 def test_ctrl_c_in_convert_leaves_no_dataset(nnunet_env, tmp_path, monkeypatch):

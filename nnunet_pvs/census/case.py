@@ -19,7 +19,7 @@ from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
 from nnunet_pvs.evaluation.cluster_regions import OUTSIDE, majority_regions
 from nnunet_pvs.evaluation.clusters import label, sizes
-from nnunet_pvs.evaluation.regions import load_regions
+from nnunet_pvs.evaluation.regions import load_regions, masks_from_label_map
 
 WHOLE = "whole"
 SLICE_REGIONS = ("bgslice", "csoslice")
@@ -90,6 +90,9 @@ def subject_columns(edges) -> list[str]:
 
 def _read_prediction(c: Case, opts: Options) -> tuple[io.Volume, Path]:
     files = c.pred
+    if files.npz is None and files.seg is None:  # a scan whose prediction part has not written it
+        raise UserError(f"{c.case}: no prediction ({c.case}.nii.gz or {c.case}.npz + .pkl) was written for "
+                        f"the scan {c.image}")
     if files.npz is not None and (not opts.binary or files.seg is None):
         return io.read_probabilities(files.npz, c.case), files.npz   # geometry from its .pkl
     vol = io.read_nifti(files.seg, c.case, "prediction")
@@ -110,6 +113,21 @@ def _slice_index(mask: np.ndarray, affine: np.ndarray) -> tuple[int | None, int 
     return (int(present[0]) if len(present) == 1 else None), axis
 
 
+def _regions_of(c: Case, region_dir: Path) -> list[tuple[str, np.ndarray, io.Volume, Path]]:
+    """``load_regions`` for the region files gather_cases already found (one listing for the cohort)."""
+    out = []
+    for name, path in c.region_files:
+        vol = io.read_nifti(path, c.case, "region map")
+        if name is None:
+            out += [(rname, m, vol, path) for rname, m in masks_from_label_map(vol.data).items()]
+        else:
+            out.append((name, io.as_binary(vol.data, c.case, "region mask", path), vol, path))
+    names = [n for n, *_ in out]
+    if len(set(names)) != len(names) or WHOLE in names:
+        raise UserError(f"{c.case}: region names {names} in {region_dir} repeat or use the reserved name 'whole'")
+    return out
+
+
 def load_case(c: Case, region_dir: Path | None, opts: Options) -> Loaded:
     """Read the prediction, image and region maps of one subject and check their geometry."""
     pred, pred_path = _read_prediction(c, opts)
@@ -121,7 +139,8 @@ def load_case(c: Case, region_dir: Path | None, opts: Options) -> Loaded:
         out.image = np.asarray(img.data, np.float32)
     if region_dir is None:
         return out
-    loaded = load_regions(region_dir, c.case, c.all_ids or None)
+    loaded = (_regions_of(c, region_dir) if c.region_files
+              else load_regions(region_dir, c.case, c.all_ids or None))
     brain = np.zeros(pred.data.shape, bool)
     seen: set[str] = set()
     label_map = None
@@ -221,24 +240,25 @@ def census_arrays(case: str, ld: Loaded, opts: Options) -> dict:
     return {"clusters": clusters, "subjects": subjects, "labels": labels, "regions": creg, "n": n}
 
 
+OVERLAY, LABELS = "overlay.png", "labels.nii.gz"
+
+
 def run_case(job) -> dict:
-    """Worker: census of one subject; its PNG / label map go into the temporary output folder."""
-    c, region_dir, opts, tmp = job
+    """Census of one subject; its overlay PNG and label map go into ``folder`` (the subject's own
+    staging folder, see nnunet_pvs.census.cohort), named there in ``info["files"]``."""
+    c, region_dir, opts, folder = job
     ld = load_case(c, region_dir, opts)
     res = census_arrays(c.case, ld, opts)
     files = {}
     if opts.plots:
         from nnunet_pvs.census.figures import mosaic
 
-        rel = Path("overlays") / f"{c.case}.png"
-        mosaic(ld, res, c.case, Path(tmp) / rel, opts.mosaic_slices)
-        files["overlay"] = str(rel)
+        mosaic(ld, res, c.case, Path(folder) / OVERLAY, opts.mosaic_slices)
+        files["overlay"] = OVERLAY
     if opts.label_maps:
-        rel = Path("labels") / f"{c.case}.nii.gz"
         dtype = np.uint16 if res["n"] < 65535 else np.uint32
-        (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(res["labels"].astype(dtype), ld.affine), str(Path(tmp) / rel))
-        files["labels"] = str(rel)
+        nib.save(nib.Nifti1Image(res["labels"].astype(dtype), ld.affine), str(Path(folder) / LABELS))
+        files["labels"] = LABELS
     info = {"case": c.case, "prediction": str(ld.pred_path), "kind": ld.kind,
             "image": str(c.image) if c.image else None, "regions": ld.region_paths,
             "shape": list(ld.pred.shape), "spacing_mm": [round(float(s), 6) for s in ld.spacing],

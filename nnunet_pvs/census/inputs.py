@@ -11,7 +11,6 @@ import pandas as pd
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
-from nnunet_pvs.evaluation.regions import owner, region_files
 
 SWEEP_METRIC = "dice"
 SWEEP_REGION = "whole"
@@ -26,6 +25,16 @@ class Case:
     image: Path | None = None
     has_regions: bool = False
     all_ids: tuple[str, ...] = ()  # every predicted id: region files go to the longest id they match
+    # found once for the whole cohort by gather_cases (one listing per folder, not one per subject)
+    region_files: tuple[tuple[str | None, Path], ...] = ()
+    channels: tuple[Path, ...] = ()  # every image file of the case (CASE_0000, CASE_0001, ...)
+
+    @property
+    def input_files(self) -> list[Path]:
+        """Every file the subject's result depends on (for resuming: see nnunet_pvs.resume)."""
+        files = [self.pred.seg, self.pred.npz, self.pred.npz.with_suffix(".pkl") if self.pred.npz else None,
+                 *(self.channels or (self.image,)), *(p for _, p in self.region_files)]
+        return [p for p in files if p is not None]
 
 
 def find_image(folder: Path, case: str) -> Path | None:
@@ -38,6 +47,13 @@ def find_image(folder: Path, case: str) -> Path | None:
     return None
 
 
+def _channel_split(cid: str) -> tuple[str, int | None]:
+    """``CASE_dddd`` -> (CASE, dddd), nnU-Net's channel suffix; anything else -> (id, None)."""
+    if len(cid) > 5 and cid[-5] == "_" and cid[-4:].isdigit():
+        return cid[:-5], int(cid[-4:])
+    return cid, None
+
+
 def _image_owner(path: Path, cases: set[str]) -> str | None:
     """The predicted case an image file belongs to (``CASE_dddd`` or ``CASE``), or None."""
     cid = io.case_id(path)
@@ -45,9 +61,69 @@ def _image_owner(path: Path, cases: set[str]) -> str | None:
         return None
     if cid in cases:
         return cid
-    if len(cid) > 5 and cid[-5] == "_" and cid[-4:].isdigit() and cid[:-5] in cases:
-        return cid[:-5]
+    base, channel = _channel_split(cid)
+    return base if channel is not None and base in cases else None
+
+
+def list_images(folder: Path) -> dict[str, list[Path]]:
+    """id -> image files of a folder of scans, as :func:`find_image` would pick them, for the whole
+    cohort in one listing: the channels ``CASE_0000``, ``CASE_0001``, ... in order, else the single
+    ``CASE.nii.gz``; ``.nii.gz`` before ``.nii`` for the same name."""
+    channels: dict[str, dict[int, Path]] = {}
+    plain: dict[str, Path] = {}
+    for p in sorted(Path(folder).iterdir(), key=lambda q: (not q.name.endswith(".nii.gz"), q.name)):
+        cid = io.case_id(p)
+        if cid is None or p.name.endswith(".npz") or not p.is_file():
+            continue
+        plain.setdefault(cid, p)
+        base, channel = _channel_split(cid)
+        if channel is not None:
+            channels.setdefault(base, {}).setdefault(channel, p)
+    out = {c: [p] for c, p in plain.items()}
+    out.update({c: [chans[k] for k in sorted(chans)] for c, chans in channels.items() if 0 in chans})
+    return out
+
+
+def nnunet_image_ids(folder: Path) -> list[str]:
+    """The case ids nnUNetv2_predict finds in a folder of scans (``CASE_dddd.nii.gz`` -> CASE, sorted),
+    so a census part splits the cohort exactly as ``nnUNetv2_predict -num_parts`` does; a file without
+    a channel suffix counts as its own id (the census accepts ``CASE.nii.gz`` images)."""
+    ids = set()
+    for p in Path(folder).iterdir():
+        cid = io.case_id(p)
+        if cid is not None and not p.name.endswith(".npz") and p.is_file():
+            ids.add(_channel_split(cid)[0])
+    return sorted(ids)
+
+
+def region_owner(stem: str, ids: set[str]) -> str | None:
+    """The case a region file stem belongs to: the longest id equal to the stem or followed by ``_``
+    (as :func:`nnunet_pvs.evaluation.regions.owner`, found among the stem's own prefixes in a set, so
+    indexing F files of N cases costs O(F), not O(F N))."""
+    if stem in ids:
+        return stem
+    for i in range(len(stem) - 1, 0, -1):
+        if stem[i] == "_" and stem[:i] in ids:
+            return stem[:i]
     return None
+
+
+def index_region_files(region_dir: Path, ids: set[str]) -> tuple[dict[str, list[tuple[str | None, Path]]],
+                                                                   list[Path]]:
+    """case -> [(region name or None for a label map, path)] in file-name order (as
+    ``nnunet_pvs.evaluation.regions.region_files`` gives them), and the region files of no case."""
+    index: dict[str, list[tuple[str | None, Path]]] = {}
+    orphans = []
+    for p in sorted(Path(region_dir).iterdir()):
+        if not p.is_file() or not p.name.endswith(io.NIFTI_SUFFIXES):
+            continue
+        stem = io.case_id(p)
+        c = region_owner(stem, ids)
+        if c is None:
+            orphans.append(p)
+        else:
+            index.setdefault(c, []).append((None, p) if stem == c else (stem[len(c) + 1:], p))
+    return index, orphans
 
 
 def _listing(items: list[str], limit: int = 5) -> str:
@@ -55,48 +131,61 @@ def _listing(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def gather_cases(pred_dir: Path, image_dir: Path | None, region_dir: Path | None,
-                 allow_missing: bool) -> tuple[list[Case], dict[str, list[str]], dict[str, list[str]]]:
+def gather_cases(pred_dir: Path, image_dir: Path | None, region_dir: Path | None, allow_missing: bool,
+                 cohort_from_images: bool = False) -> tuple[list[Case], dict[str, list[str]], dict[str, list[str]]]:
     """Cases to census; predictions left out for lacking an image or region map (only with
     ``allow_missing``, else an error); images / region maps of ids that were not predicted.
 
     The predictions define the cohort: a prediction without its image or region map is an error
     (ids on one side only), while images and region maps of other ids (a whole dataset's
     ``imagesTs`` or ``regions/`` for a predicted subset) are simply not used, and listed.
+
+    ``cohort_from_images`` (census parts run beside ``nnUNetv2_predict -num_parts``, whose other parts
+    may not have written their predictions yet): the cohort is every scan in ``image_dir`` (and every
+    prediction); a scan not predicted yet is a Case with no prediction files, which fails when censused.
+
+    Each folder is listed once, so gathering 40,000 subjects costs seconds.
     """
-    preds = io.gather_predictions(pred_dir)
+    pred_dir = Path(pred_dir)
     for option, folder, holding in (("--images", image_dir, "the images"), ("--regions", region_dir,
                                                                             "the region maps")):
         if folder is not None:
             io.require_folder(folder, option, holding)
+    if cohort_from_images and pred_dir.is_dir() and not any(
+            io.case_id(p) is not None for p in pred_dir.iterdir()):
+        preds: dict[str, io.PredFiles] = {}   # no part has finished a prediction yet
+    else:
+        preds = io.gather_predictions(pred_dir)
     cases = set(preds)
+    images: dict[str, list[Path]] = {}
+    if image_dir is not None:
+        images = list_images(image_dir)
+        if cohort_from_images:
+            cases |= set(nnunet_image_ids(image_dir))
     missing: dict[str, list[str]] = {}
     unused: dict[str, list[str]] = {}
-    images: dict[str, Path] = {}
+
+    def name_of(c: str) -> str:
+        return str(preds[c].npz or preds[c].seg) if c in preds else c
+
     if image_dir is not None:
         for c in sorted(cases):
-            p = find_image(image_dir, c)
-            if p is None:
+            if c not in images:
                 missing.setdefault(f"no image (CASE_0000.nii.gz or CASE.nii.gz) in {image_dir} for prediction(s)",
-                                   []).append(str(preds[c].npz or preds[c].seg))
-            else:
-                images[c] = p
-        extra = sorted({str(p) for p in image_dir.iterdir() if p.is_file() and io.case_id(p) is not None
+                                   []).append(name_of(c))
+        extra = sorted({str(p) for p in Path(image_dir).iterdir() if p.is_file() and io.case_id(p) is not None
                         and not p.name.endswith(".npz") and _image_owner(p, cases) is None})
         if extra:
             unused[f"image(s) in {image_dir} without a prediction"] = extra
-    with_regions: set[str] = set()
+    regions: dict[str, list[tuple[str | None, Path]]] = {}
     if region_dir is not None:
+        regions, orphans = index_region_files(region_dir, cases)
         for c in sorted(cases):
-            if region_files(region_dir, c, cases):
-                with_regions.add(c)
-            else:
+            if c not in regions:
                 missing.setdefault(f"no region map (CASE.nii.gz or CASE_<name>.nii.gz) in {region_dir} for "
-                                   "prediction(s)", []).append(str(preds[c].npz or preds[c].seg))
-        extra = sorted(str(p) for p in region_dir.iterdir() if p.is_file()
-                       and p.name.endswith(io.NIFTI_SUFFIXES) and owner(io.case_id(p), cases) is None)
-        if extra:
-            unused[f"region map(s) in {region_dir} without a prediction"] = extra
+                                   "prediction(s)", []).append(name_of(c))
+        if orphans:
+            unused[f"region map(s) in {region_dir} without a prediction"] = [str(p) for p in orphans]
     if missing and not allow_missing:
         what, items = next(iter(missing.items()))
         others = sum(len(v) for v in missing.values()) - len(items)
@@ -104,11 +193,12 @@ def gather_cases(pred_dir: Path, image_dir: Path | None, region_dir: Path | None
         raise UserError(f"ids present on one side only: {what} {_listing(items)}{tail} "
                         "(--allow-missing: census only the predictions that have every input)")
     keep = sorted(c for c in cases if (image_dir is None or c in images)
-                  and (region_dir is None or c in with_regions))
+                  and (region_dir is None or c in regions))
     if not keep:
         raise UserError(f"{pred_dir}: no prediction has every input (image, region map)")
     ids = tuple(sorted(cases))
-    return [Case(c, preds[c], images.get(c), c in with_regions, ids) for c in keep], missing, unused
+    return [Case(c, preds.get(c, io.PredFiles()), images[c][0] if c in images else None, c in regions, ids,
+                 tuple(regions.get(c, ())), tuple(images.get(c, ()))) for c in keep], missing, unused
 
 
 def threshold_from_sweep(path: Path) -> dict:
