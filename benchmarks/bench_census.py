@@ -46,7 +46,7 @@ from scipy import ndimage  # noqa: E402
 from nnunet_pvs.census.case import Loaded, Options, census_arrays, load_case, run_case  # noqa: E402
 from nnunet_pvs.census.inputs import Case  # noqa: E402
 from nnunet_pvs.census.shape import cluster_stats_loop  # noqa: E402
-from nnunet_pvs.evaluation.cluster_regions import OUTSIDE  # noqa: E402
+from nnunet_pvs.cluster_regions import OUTSIDE  # noqa: E402
 from nnunet_pvs.evaluation.clusters import label, sizes  # noqa: E402
 from nnunet_pvs.evaluation.io import PredFiles  # noqa: E402
 

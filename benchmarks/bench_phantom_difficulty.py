@@ -26,7 +26,7 @@ from scipy import ndimage
 from skimage import filters, morphology
 
 from nnunet_pvs.dataset_conversion.phantom import BG_LABELS, SPACING, WM_LABELS, generate_subject
-from nnunet_pvs.evaluation.cluster_regions import majority_regions
+from nnunet_pvs.cluster_regions import majority_regions
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -6,7 +6,7 @@ of the sweep; both masks are cropped to a box holding every voxel either side ca
 region, which changes no metric (everything outside is background on both sides).
 
 Regions (``region_mode``): ``majority`` (default) gives each cluster of either mask to the one
-region holding most of its voxels (``cluster_regions.majority_regions``; ties to the region listed
+region holding most of its voxels (``nnunet_pvs.cluster_regions.majority_regions``; ties to the region listed
 first), so a cluster is counted once and per-region counts add up to the whole-brain count
 (SHiVAi; Boutinaud et al. 2021). ``cut`` restricts both masks voxel-wise to the region, so a
 cluster crossing a border is cut there (as the EPVS 2024 evaluation does).
@@ -25,7 +25,7 @@ from nnunet_pvs.evaluation import lesion_metrics as lm
 from nnunet_pvs.evaluation import protocols as proto
 from nnunet_pvs.evaluation import surface_dice as nsd
 from nnunet_pvs.evaluation import surface_distance as sd
-from nnunet_pvs.evaluation.cluster_regions import majority_regions
+from nnunet_pvs.cluster_regions import majority_regions
 from nnunet_pvs.evaluation.voxel_metrics import voxel_metrics
 
 # Columns of per_case.csv in order (the first 13 are the papers' core metrics).

@@ -81,7 +81,7 @@ def near_any(p, ellipsoids, margin: float = 1.5) -> bool:
 
 
 def _cluster_counts(mask: np.ndarray, labels: np.ndarray) -> dict:
-    from nnunet_pvs.evaluation.cluster_regions import majority_regions
+    from nnunet_pvs.cluster_regions import majority_regions
 
     lab, n = cc3d.connected_components(np.ascontiguousarray(mask, np.uint8), connectivity=26, return_N=True)
     regions = majority_regions(lab, int(n), {"bg": np.isin(labels, BG_LABELS), "wm": np.isin(labels, WM_LABELS)})

@@ -17,7 +17,7 @@ from nnunet_pvs.dataset_conversion.regions import region_masks as aseg_region_ma
 from nnunet_pvs.dataset_conversion.regions import superior_axis
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.evaluation import io
-from nnunet_pvs.evaluation.cluster_regions import OUTSIDE, majority_regions
+from nnunet_pvs.cluster_regions import OUTSIDE, majority_regions
 from nnunet_pvs.evaluation.clusters import label, sizes
 from nnunet_pvs.evaluation.regions import load_regions, masks_from_label_map
 
