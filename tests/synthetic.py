@@ -58,3 +58,19 @@ def save_nifti(arr, path: Path, affine=None, dtype=None) -> Path:
     nib.save(nib.Nifti1Image(data.astype(dtype) if dtype is not None else data,
                              np.eye(4) if affine is None else affine), str(path))
     return path
+
+def write_nnunet_probabilities(prob: np.ndarray, ref_nifti: Path, out_stem: Path) -> dict:
+    """Write CASE.npz + CASE.pkl the way nnU-Net's export does: array order and properties from
+    its SimpleITK reader (the array nnU-Net predicts on), channel 0 background, 1 foreground."""
+    import pickle
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    img, props = SimpleITKIO().read_images([str(ref_nifti)])
+    # nnU-Net arrays are the reader's (1, z, y, x); place our (x, y, z) map in that order
+    fg = prob.transpose(2, 1, 0)
+    assert fg.shape == img.shape[1:]
+    np.savez_compressed(f"{out_stem}.npz", probabilities=np.stack([1 - fg, fg]).astype(np.float32))
+    with open(f"{out_stem}.pkl", "wb") as f:
+        pickle.dump(props, f)
+    return props

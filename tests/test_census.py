@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
-from synthetic import save_nifti
+from synthetic import save_nifti, write_nnunet_probabilities
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
@@ -74,17 +73,6 @@ def angle_deg(u, v) -> float:
 save = save_nifti
 
 
-def write_nnunet_probabilities(prob: np.ndarray, like_nifti: Path, out_stem: Path) -> None:
-    """CASE.npz + CASE.pkl as nnU-Net's export writes them: the (C, z, y, x) array of its SimpleITK
-    reader, channel 0 background and 1 foreground, and the reader's properties."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-    img, props = SimpleITKIO().read_images([str(like_nifti)])
-    fg = prob.transpose(2, 1, 0)
-    assert fg.shape == img.shape[1:]
-    np.savez_compressed(f"{out_stem}.npz", probabilities=np.stack([1 - fg, fg]).astype(np.float32))
-    with open(f"{out_stem}.pkl", "wb") as f:
-        pickle.dump(props, f)
 
 
 # ---------------------------------------------------------------------------------------------

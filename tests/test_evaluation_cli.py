@@ -6,7 +6,6 @@ cases, never from the function the CLI calls."""
 from __future__ import annotations
 
 
-import pickle
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_cli
-from synthetic import save_nifti
+from synthetic import save_nifti, write_nnunet_probabilities
 from scipy import ndimage, stats
 
 from nnunet_pvs.evaluation import io
@@ -34,19 +33,6 @@ def make_case(rng):
     return ref, prob.astype(np.float32)
 
 
-def write_nnunet_probabilities(prob: np.ndarray, ref_nifti: Path, out_stem: Path):
-    """Write CASE.npz + CASE.pkl the way nnU-Net's export does: array order and properties from
-    its SimpleITK reader (the array nnU-Net predicts on), channel 0 background, 1 foreground."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-    img, props = SimpleITKIO().read_images([str(ref_nifti)])
-    # nnU-Net arrays are the reader's (1, z, y, x); place our (x, y, z) map in that order
-    fg = prob.transpose(2, 1, 0)
-    assert fg.shape == img.shape[1:]
-    np.savez_compressed(f"{out_stem}.npz", probabilities=np.stack([1 - fg, fg]).astype(np.float32))
-    with open(f"{out_stem}.pkl", "wb") as f:
-        pickle.dump(props, f)
-    return props
 
 
 SPACING = (0.69, 0.69, 2.0)   # the zooms of AFFINE
