@@ -413,6 +413,13 @@ def test_cli_nnunet_probability_files_threshold_workers_and_label_maps(cohort):
         assert r["max_prob"] == pytest.approx(prob[lab == r["cluster"]].max(), abs=1e-6)
     summary = json.loads((a / "summary.json").read_text())
     assert summary["threshold"] == {"value": 0.4, "source": "option"} and summary["kinds"] == ["probabilities"]
+    # the reliability columns: the map's own values (nnunet_pvs.reliability), NaN for binary masks
+    from nnunet_pvs.reliability import mean_core_probability
+
+    sa = pd.read_csv(a / "subjects.csv", dtype={"case": str})
+    got = sa.loc[(sa["case"] == "sub-02") & (sa["region"] == "whole"), "mean_core_probability"].item()
+    assert got == pytest.approx(mean_core_probability(prob.astype(np.float32), 0.4), abs=1e-5)
+    assert pd.read_csv(c / "subjects.csv")["mean_core_probability"].isna().all()
 
 
 def test_cli_threshold_from_an_evaluation_folder(cohort):

@@ -85,7 +85,12 @@ def size_class_columns(edges) -> list[str]:
 def subject_columns(edges) -> list[str]:
     return ["case", "region", "n_clusters", "volume_mm3", "volume_in_region_mm3", "region_volume_mm3",
             "volume_fraction", *size_class_columns(edges), "mean_length_mm", "median_length_mm",
-            "mean_width_mm", "median_width_mm", "slice_index"]
+            "mean_width_mm", "median_width_mm", "slice_index", *RELIABILITY_COLUMNS]
+
+
+# per-subject reliability of a probability map (nnunet_pvs.reliability, docs/reliability_signal.md): the same
+# value on every row of a subject; NaN for binary masks or where nothing is predicted
+RELIABILITY_COLUMNS = ["mean_core_probability", "uncertain_share"]
 
 
 def _read_prediction(c: Case, opts: Options) -> tuple[io.Volume, Path]:
@@ -236,6 +241,14 @@ def census_arrays(case: str, ld: Loaded, opts: Options) -> dict:
         touched = np.zeros(n + 1, bool)
         touched[labels[s.mask]] = True
         add(s.name, touched[1:], s.mask, s.index)
+    rel = dict.fromkeys(RELIABILITY_COLUMNS, math.nan)
+    if ld.kind == "probabilities":
+        from nnunet_pvs.reliability import reliability
+
+        got = reliability(ld.pred, opts.threshold)
+        rel = {k: float(got[k]) for k in RELIABILITY_COLUMNS}
+    for row in rows:
+        row.update(rel)
     subjects = pd.DataFrame(rows, columns=subject_columns(edges))
     return {"clusters": clusters, "subjects": subjects, "labels": labels, "regions": creg, "n": n}
 
