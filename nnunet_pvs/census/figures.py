@@ -54,6 +54,36 @@ def choose_slices(present: np.ndarray, fallback: np.ndarray, k: int, forced: lis
     return sorted(set(int(v) for v in cand) | set(forced))
 
 
+def display_range(back: np.ndarray) -> tuple[float, float]:
+    """Grey-level window of an overlay's background: 1st to 99.5th percentile of its non-zero voxels."""
+    vals = back[back != 0] if back.any() else back.ravel()
+    sample = vals[:: max(1, len(vals) // 200000)]
+    lo, hi = (np.percentile(sample, [1, 99.5]) if len(sample) else (0.0, 1.0))
+    return float(lo), float(hi if hi > lo else lo + 1.0)
+
+
+def slice_panels(shape, ras_zooms, n_panels: int):
+    """A black grid of up to 4 axial panels a row, sized about one screen pixel per voxel, axes off;
+    returns (figure, axes, extent in mm with x reversed: radiological)."""
+    cols = min(4, n_panels)
+    rows = int(np.ceil(n_panels / cols))
+    sx, sy = shape[0] * ras_zooms[0], shape[1] * ras_zooms[1]
+    w = float(np.clip(shape[0] * 1.2 / 100, 2.0, 3.2))
+    h = w * sy / sx
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows + 1.0), squeeze=False, facecolor="black")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    return fig, axes, (sx, 0, 0, sy)
+
+
+def draw_panel(ax, back2d: np.ndarray, lab2d: np.ndarray, colours2d: np.ndarray, lo: float, hi: float,
+               extent) -> None:
+    """One axial panel: the background in grey, and where ``lab2d`` is set, ``colours2d`` (RGBA per pixel)."""
+    ax.imshow(back2d, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent, interpolation="nearest")
+    if lab2d.any():
+        ax.imshow(colours2d, origin="lower", extent=extent, interpolation="nearest")
+
+
 def mosaic(ld, res: dict, case: str, path: Path, n_slices: int = 12) -> None:
     """Axial mosaic of one subject, radiological convention (patient's right on the left), clusters
     coloured by region over the image (or over the prediction without --images)."""
@@ -86,27 +116,11 @@ def mosaic(ld, res: dict, case: str, path: Path, n_slices: int = 12) -> None:
         if s.index is not None and s.axis == src_axis:
             marks[int(nz - 1 - s.index if flipped else s.index)] = SLICE_TITLE.get(s.name, s.name)
     chosen = choose_slices(present, fallback, n_slices, list(marks))
-    vals = back[back != 0] if back.any() else back.ravel()
-    sample = vals[:: max(1, len(vals) // 200000)]
-    lo, hi = (np.percentile(sample, [1, 99.5]) if len(sample) else (0.0, 1.0))
-    if hi <= lo:
-        hi = lo + 1.0
-    cols = min(4, len(chosen))
-    rows = int(np.ceil(len(chosen) / cols))
-    sx, sy = labels.shape[0] * ras_zooms[0], labels.shape[1] * ras_zooms[1]
-    w = float(np.clip(labels.shape[0] * 1.2 / 100, 2.0, 3.2))   # about one screen pixel per voxel
-    h = w * sy / sx
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows + 1.0), squeeze=False,
-                             facecolor="black")
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    extent = (sx, 0, 0, sy)  # x reversed: radiological
+    lo, hi = display_range(back)
+    fig, axes, extent = slice_panels(labels.shape, ras_zooms, len(chosen))
     for ax, k in zip(axes.ravel(), chosen):
-        ax.imshow(back[:, :, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
-                  interpolation="nearest")
         lab2d = labels[:, :, k].T
-        if lab2d.any():
-            ax.imshow(rgba[per_cluster[lab2d]], origin="lower", extent=extent, interpolation="nearest")
+        draw_panel(ax, back[:, :, k].T, lab2d, rgba[per_cluster[lab2d]], lo, hi, extent)
         n_here = len(np.unique(lab2d)) - (1 if (lab2d == 0).any() else 0)
         title = f"slice {to_src(k)}: {n_here} cluster{'s' if n_here != 1 else ''}"
         if k in marks:
@@ -118,7 +132,7 @@ def mosaic(ld, res: dict, case: str, path: Path, n_slices: int = 12) -> None:
     handles = [Patch(color=cmap[n_], label=f"{n_} ({int(counts.get(n_, 0))})") for n_ in names]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white",
                fontsize=8)
-    height = h * rows + 1.0
+    height = float(fig.get_size_inches()[1])  # h * rows + 1 inches (slice_panels)
     fig.suptitle(f"{case}: {res['n']} clusters", color="white", fontsize=10, y=1 - 0.12 / height)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.55 / height, bottom=0.5 / height,
                         wspace=0.03, hspace=0.18)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
 
-from nnunet_pvs.census.figures import choose_slices, png_bytes
+from nnunet_pvs.census.figures import choose_slices, display_range, draw_panel, png_bytes, slice_panels
 from nnunet_pvs.change.tracks import STATUSES
 
 STATUS_COLOURS = {"stable": "#ffe135", "enlarged": "#ff5a1f", "shrunk": "#2e9cff", "new": "#3ddc4a",
@@ -45,32 +45,18 @@ def status_mosaic(image: np.ndarray, affine: np.ndarray, track_img: np.ndarray, 
     changed = np.isin(code[tracks], [STATUSES.index(s) + 1 for s in STATUSES if s != "stable"])
     chosen = choose_slices(np.flatnonzero(changed.any(axis=(0, 1))), np.flatnonzero(tracks.any(axis=(0, 1)))
                            if tracks.any() else np.arange(nz), n_slices, [])
-    vals = back[back != 0] if back.any() else back.ravel()
-    sample = vals[:: max(1, len(vals) // 200000)]
-    lo, hi = np.percentile(sample, [1, 99.5]) if len(sample) else (0.0, 1.0)
-    hi = hi if hi > lo else lo + 1.0
-    cols = min(4, len(chosen))
-    rows = int(np.ceil(len(chosen) / cols))
-    sx, sy = tracks.shape[0] * ras_zooms[0], tracks.shape[1] * ras_zooms[1]
-    w = float(np.clip(tracks.shape[0] * 1.2 / 100, 2.0, 3.2))
-    h = w * sy / sx
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows + 1.0), squeeze=False, facecolor="black")
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    extent = (sx, 0, 0, sy)  # x reversed: radiological
+    lo, hi = display_range(back)
+    fig, axes, extent = slice_panels(tracks.shape, ras_zooms, len(chosen))
     for ax, k in zip(axes.ravel(), chosen):
-        ax.imshow(back[:, :, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent,
-                  interpolation="nearest")
         lab2d = tracks[:, :, k].T
-        if lab2d.any():
-            ax.imshow(rgba[code[lab2d]], origin="lower", extent=extent, interpolation="nearest")
+        draw_panel(ax, back[:, :, k].T, lab2d, rgba[code[lab2d]], lo, hi, extent)
         ax.set_title(f"slice {nz - 1 - k if flipped else k}", color="white", fontsize=8)
     axes[0, 0].text(0.02, 0.02, "R", color="white", fontsize=9, transform=axes[0, 0].transAxes)
     axes[0, 0].text(0.94, 0.02, "L", color="white", fontsize=9, transform=axes[0, 0].transAxes)
     counts = pd.Series(status).value_counts() if len(status) else pd.Series(dtype=int)
     handles = [Patch(color=STATUS_COLOURS[s], label=f"{s} ({int(counts.get(s, 0))})") for s in STATUSES]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white", fontsize=8)
-    height = h * rows + 1.0
+    height = float(fig.get_size_inches()[1])  # h * rows + 1 inches (slice_panels)
     fig.suptitle(f"{case}: {len(status)} tracks, baseline image", color="white", fontsize=10, y=1 - 0.12 / height)
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.55 / height, bottom=0.5 / height, wspace=0.03, hspace=0.18)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
