@@ -53,9 +53,10 @@ def _check_probabilities(prob: np.ndarray, what: str = "probability map") -> np.
         raise UserError(f"{what} is {prob.ndim}D with shape {prob.shape}; expected a 3D volume")
     if not np.isfinite(prob).all():
         raise UserError(f"{what} contains NaN or Inf values")
-    if prob.size and (prob.min() < 0 or prob.max() > 1):
+    # float rounding of a softmax may pass 1 (or 0) by a few ulps: tolerated and clipped, more is refused
+    if prob.size and (prob.min() < -1e-4 or prob.max() > 1 + 1e-4):
         raise UserError(f"{what} has values outside [0, 1] (min {prob.min():g}, max {prob.max():g})")
-    return prob
+    return np.clip(prob, 0.0, 1.0) if prob.size and (prob.min() < 0 or prob.max() > 1) else prob
 
 
 def _check_band(threshold: float, low: float, high: float) -> None:
