@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import BIN, run_cli
@@ -261,11 +262,15 @@ def test_evaluate_refuses_a_crafted_properties_file(tmp_path):
 def test_census_refuses_a_crafted_properties_file(tmp_path):
     marker = tmp_path / "MARKER"
     _, prob, pkl = _probability_case(tmp_path, marker)
-    proc = run_cli([CLI, "census", "-i", prob, "-o", tmp_path / "out", "--threshold", "0.5", "--no-plots"],
-                   check=False)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    _one_refusal(proc.stderr, pkl)
-    assert "Traceback" not in proc.stderr and not marker.exists() and not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    proc = run_cli([CLI, "census", "-i", prob, "-o", out, "--threshold", "0.5", "--no-plots"], check=False)
+    # at cohort scale a subject whose file is refused is a listed failure (exit 1), the file never opened
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    _one_refusal((out / "failures.csv").read_text(), pkl)
+    assert "Traceback" not in proc.stderr and not marker.exists()
+    # only the failure's record (for resume) is kept of the subject, no result
+    assert [p.name for p in (out / "cases" / "sub-01").iterdir()] == ["record.json"]
+    assert len(pd.read_csv(out / "subjects.csv")) == 0
 
 
 def test_pretrained_weights_check_refuses_a_crafted_file_before_nnunet_loads_it(tmp_path, monkeypatch, capsys):
