@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "-i is where the predictions go, --num-parts the number of tasks")
     s.add_argument("--model", type=Path, metavar="MODEL",
                    help="the nnU-Net trained-model folder nnUNetv2_predict uses "
-                        "(nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG)")
+                        "(nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG)")
     s.add_argument("--folds", nargs="+", metavar="F", help="folds to predict with (default: the model's fold_* folders)")
     s.add_argument("--predict-args", metavar="ARGS", help="more nnUNetv2_predict options, one string "
                    "(e.g. '-device cpu -npp 2 -nps 2')")

@@ -37,7 +37,7 @@ def model_stamp(model: Path) -> list:
     model = Path(model)
     if not model.is_dir():
         raise UserError(f"{model}: --check-model is not a folder; give an nnU-Net trained-model folder "
-                        "(nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)")
+                        "(nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG)")
     return [file_stamp(model / f) for f in MODEL_FILES]
 
 

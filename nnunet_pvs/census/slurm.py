@@ -35,15 +35,15 @@ ARRAY, MERGE, SUBMIT = "census_array.sbatch", "census_merge.sbatch", "submit.sh"
 
 def model_parts(model: Path) -> dict:
     """Dataset, trainer, plans and configuration of an nnU-Net trained-model folder
-    (``nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG``) and its ``nnUNet_results``."""
+    (``nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG``) and its ``nnUNet_results``."""
     model = Path(model).expanduser().resolve()
     if not model.is_dir():
         raise UserError(f"{model}: --model folder does not exist (an nnU-Net trained-model folder, "
-                        "nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG)")
+                        "nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG)")
     parts = model.name.split("__")
     if len(parts) != 3 or not all(parts) or not re.fullmatch(r"Dataset\d{3}_.+", model.parent.name):
         raise UserError(f"{model}: not an nnU-Net trained-model folder; expected "
-                        "nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG")
+                        "nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG")
     folds = sorted((p.name[len("fold_"):] for p in model.glob("fold_*") if p.is_dir()),
                    key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
     return {"dataset": model.parent.name, "trainer": parts[0], "plans": parts[1], "config": parts[2],
@@ -88,7 +88,7 @@ def write_scripts(args) -> Path:
     """The three files of SCRIPT_DIR (see the module docstring); returns the submission script."""
     if args.model is None:
         raise UserError("--emit-slurm needs --model MODEL, the nnU-Net trained-model folder nnUNetv2_predict "
-                        "uses (nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIG)")
+                        "uses (nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG)")
     if args.images is None:
         raise UserError("--emit-slurm needs --images: the scans nnUNetv2_predict reads (CASE_0000.nii.gz, ...)")
     if args.part_id != 0:

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of images named as nnU-Net wants them, CASE_0000.nii.gz (one file per channel "
                         "of the model's dataset.json)")
     p.add_argument("-m", "--model", required=True, type=Path, metavar="MODEL",
-                   help="trained-model folder nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG (plans.json, "
+                   help="trained-model folder nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG (plans.json, "
                         "dataset.json, dataset_fingerprint.json)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                    help="output folder: inputs_qc.csv, inputs_qc.md and, with a training reference, "

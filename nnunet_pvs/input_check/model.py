@@ -120,7 +120,7 @@ def load_model(folder: Path, configuration: str | None = None) -> ModelInfo:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: {'is a file, not' if folder.exists() else 'does not exist; give'} a trained-model "
-                        "folder (nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG)")
+                        "folder (nnUNet_results/Dataset<ID>_<Name>/TRAINER__PLANS__CONFIG)")
     plans = _read_json(folder / "plans.json")
     ds = _read_json(folder / "dataset.json")
     fp = _read_json(folder / "dataset_fingerprint.json")
