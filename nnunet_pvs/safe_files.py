@@ -78,7 +78,7 @@ def _refused_what(path, message: str) -> str:
 
     try:
         with torch.serialization.safe_globals(checkpoint_globals()):
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))  # torch's order is a set's
     except Exception:  # legacy (non-zip) format: only the message tells
         names = []
     if names:
