@@ -91,3 +91,48 @@ def ks_two_samples(a, b) -> dict:
     res = stats.ks_2samp(a, b)
     return {"ks_statistic": float(res.statistic), "p": float(res.pvalue), "n_a": len(a), "n_b": len(b),
             "mean_a": float(a.mean()), "mean_b": float(b.mean())}
+
+
+def icc(ratings) -> dict:
+    """Intraclass correlations of an ``n subjects x k measurements`` table (e.g. PVS counts at scan and
+    rescan), from the two-way ANOVA mean squares (Shrout & Fleiss 1979; McGraw & Wong 1996):
+
+    - ``icc_a1``: ICC(2,1)/ICC(A,1), absolute agreement of single measurements (a rescan that counts
+      10 % more every time lowers it);
+    - ``icc_c1``: ICC(3,1)/ICC(C,1), consistency (the ranking of subjects only),
+
+    each with its 95 % confidence interval (McGraw & Wong's F-based intervals). Published PVS-count
+    scan-rescan reliabilities (0.82-0.93) are of this kind. Subjects with a missing value are dropped.
+    """
+    x = np.asarray(ratings, float)
+    if x.ndim != 2 or x.shape[1] < 2:
+        raise ValueError(f"ratings must be subjects x measurements with at least 2 measurements, got shape {x.shape}")
+    x = x[np.isfinite(x).all(1)]
+    n, k = x.shape
+    nan = {"n": int(n), "icc_a1": math.nan, "icc_a1_low": math.nan, "icc_a1_high": math.nan,
+           "icc_c1": math.nan, "icc_c1_low": math.nan, "icc_c1_high": math.nan}
+    if n < 3:
+        return nan
+    grand = x.mean()
+    ss_rows = k * ((x.mean(1) - grand) ** 2).sum()
+    ss_cols = n * ((x.mean(0) - grand) ** 2).sum()
+    ss_err = ((x - grand) ** 2).sum() - ss_rows - ss_cols
+    msr, msc = ss_rows / (n - 1), ss_cols / (k - 1)
+    mse = ss_err / ((n - 1) * (k - 1))
+    if msr == 0 and mse == 0:
+        return nan
+    a1 = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
+    c1 = (msr - mse) / (msr + (k - 1) * mse)
+    out = dict(nan, icc_a1=float(a1), icc_c1=float(c1))
+    df1, df2 = n - 1, (n - 1) * (k - 1)
+    if mse > 0 and a1 < 1:  # consistency: F = MSR / MSE
+        f = msr / mse
+        fl, fu = f / stats.f.ppf(0.975, df1, df2), f * stats.f.ppf(0.975, df2, df1)
+        out.update(icc_c1_low=float((fl - 1) / (fl + k - 1)), icc_c1_high=float((fu - 1) / (fu + k - 1)))
+        # absolute agreement: Satterthwaite's degrees of freedom for the denominator (McGraw & Wong, Table 7)
+        a, b = k * a1 / (n * (1 - a1)), 1 + k * a1 * (n - 1) / (n * (1 - a1))
+        v = (a * msc + b * mse) ** 2 / ((a * msc) ** 2 / (k - 1) + (b * mse) ** 2 / df2)
+        fs, fi = stats.f.ppf(0.975, df1, v), stats.f.ppf(0.975, v, df1)
+        out.update(icc_a1_low=float(n * (msr - fs * mse) / (fs * (k * msc + (k * n - k - n) * mse) + n * msr)),
+                   icc_a1_high=float(n * (fi * msr - mse) / (k * msc + (k * n - k - n) * mse + n * fi * msr)))
+    return out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from nnunet_pvs.evaluation.cohort_stats import count_clusters, ks_two_samples, ordinal_logistic, spearman
+from nnunet_pvs.evaluation.cohort_stats import count_clusters, icc, ks_two_samples, ordinal_logistic, spearman
 from nnunet_pvs.evaluation.sweeps import parse_range, pool_cluster_sizes
 
 
@@ -121,3 +121,23 @@ def test_parse_range_and_pooling():
     p = pool_cluster_sizes(rows).iloc[0]
     assert p["cluster_tpr"] == pytest.approx(4 / 8) and p["cluster_ppv"] == pytest.approx(4 / 5)
     assert p["cluster_dice"] == pytest.approx(2 * 0.5 * 0.8 / 1.3)
+
+
+def test_icc_reproduces_shrout_and_fleiss():
+    """Shrout & Fleiss (1979), Table 2: 6 targets, 4 judges; ICC(2,1) = 0.29, ICC(3,1) = 0.71, and the
+    95 % intervals McGraw & Wong's formulas give (0.02-0.76, 0.34-0.95, as pingouin's documentation prints)."""
+    x = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    r = icc(x)
+    assert r["icc_a1"] == pytest.approx(0.2898, abs=1e-4) and r["icc_c1"] == pytest.approx(0.7148, abs=1e-4)
+    assert (round(r["icc_a1_low"], 2), round(r["icc_a1_high"], 2)) == (0.02, 0.76)
+    assert (round(r["icc_c1_low"], 2), round(r["icc_c1_high"], 2)) == (0.34, 0.95)
+    # a constant offset between the two measurements costs agreement, not consistency
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 80, 30).astype(float)
+    pair = np.stack([counts, counts + 15 + rng.normal(0, 1, 30)], 1)
+    shifted = icc(pair)
+    assert shifted["icc_c1"] > 0.99 and shifted["icc_a1"] < shifted["icc_c1"] - 0.05
+    assert icc(np.stack([counts, counts], 1))["icc_c1"] == pytest.approx(1.0)
+    assert math.isnan(icc([[1, 2], [3, 4]])["icc_a1"])   # fewer than 3 subjects
+    with pytest.raises(ValueError, match="at least 2 measurements"):
+        icc([[1], [2], [3]])

@@ -87,13 +87,13 @@ def test_resample_moves_content_with_the_head():
 
 
 def test_margin_rules_hand_values():
-    assert V.meets_margin("enlarged", 4, 7)          # x1.75, +3
-    assert not V.meets_margin("enlarged", 4, 6)      # x1.5 but only +2 voxels
-    assert not V.meets_margin("enlarged", 10, 14)    # +4 but x1.4
+    assert V.meets_margin("enlarged", 4, 9)          # x2.25, +5
+    assert not V.meets_margin("enlarged", 4, 8)      # x2 but only +4 voxels: within the rescan noise floor
+    assert not V.meets_margin("enlarged", 12, 17)    # +5 but x1.42
     assert V.meets_margin("enlarged", 10, 15)
-    assert V.meets_margin("shrunk", 10, 5) and V.meets_margin("shrunk", 5, 2)
-    assert not V.meets_margin("shrunk", 10, 6)       # x0.6
-    assert not V.meets_margin("shrunk", 4, 2)        # only -2 voxels
+    assert V.meets_margin("shrunk", 10, 5) and V.meets_margin("shrunk", 7, 2)
+    assert not V.meets_margin("shrunk", 12, 7)       # x0.58
+    assert not V.meets_margin("shrunk", 6, 2)        # x0.33 but only -4 voxels
     assert not V.meets_margin("shrunk", 10, 1)       # would be all but gone: not a shrunk PVS
 
 
@@ -104,6 +104,11 @@ def test_touching_ids():
     ids[4, 4, 4] = ids[4, 4, 5] = 3
     ids[0, 5, 0] = 4
     assert V.touching_ids(ids) == {1, 2}
+    assert V.touching_ids(ids, 2) == {1, 2, 3}         # 3 is 2 voxels from 2 along every axis ...
+    ids[4, 4, 4] = 0
+    assert V.touching_ids(ids, 2) == {1, 2}            # ... and 3 voxels once its nearer voxel is gone
+    ids[3, 3, 4] = 5
+    assert V.touching_ids(ids, 2) == {1, 2, 3, 5}
 
 
 def test_scene_changes_nothing_and_reproduces_the_baseline():

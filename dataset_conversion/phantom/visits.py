@@ -14,12 +14,18 @@ How a visit is made:
    same resampling effects as the follow-up. ``motion.csv`` holds the 4 x 4 world transform ``M``
    (baseline world mm -> visit world mm: anatomy at baseline point x lies at ``M x`` in the visit).
 2. **Changes** (follow-up only), made to labelled PVS of at least ``MIN_SIZE`` (4) voxels that
-   touch no other labelled PVS (26 neighbours, so each is its own cluster), those that stay wholly
-   in the field of view after the motion first: *enlarged*, by widening (radius x 1.3-1.6) or
+   keep ``ISOLATION`` voxels from every other labelled PVS (below), those wholly inside the slab at
+   both positions first (off its outermost layers before and after the motion, and still so once
+   changed: a slab that cuts a PVS off cannot measure its change), those with most of their course
+   in view first; a PVS the slab cuts off is changed only to give a subject its first change of a
+   class (thin slabs such as ``tiny`` have few whole PVS); a candidate one class cannot use
+   (too small to shrink by the margin) stays for the others: *enlarged*, by widening (radius x 1.3-1.6) or
    lengthening (grown on along its course by 40-80 % of its length; the width profile is stretched
    over the new length); *shrunk*, by narrowing (radius x 0.5-0.7) or shortening (50-70 % of the
    length cut from the tip); *vanished* (the tube is dropped); *new* (an extra tube drawn by the
-   generator's own rules, apart from every labelled PVS). The rescan changes nothing.
+   generator's own rules, apart from every labelled PVS, wholly inside the slab at both positions
+   unless half the tries found no such one).
+   The rescan changes nothing.
 3. **Rendering.** The layers under the PVS (tissue, texture, WMH, sulci) and over them (vessels,
    lacunes) are resampled through the motion (linear; past the edge of the field of view the edge
    value continues, as the grid never held anatomy beyond it). The PVS are re-rendered at their
@@ -42,15 +48,25 @@ stable: slow change, with enough examples in each class to measure a change dete
 
 **Minimum change.** A change must hold both at the unmoved position (the designed change) and in the
 written follow-up (after motion and re-rendering), or another PVS or action is tried: an enlarged
-PVS's truth volume grows to at least ``GROWTH`` (1.5) x and by at least ``MIN_VOXELS`` (3) voxels; a
-shrunk one falls to at most ``SHRINKAGE`` (0.5) x, by at least 3 voxels, and keeps at least 2; a
+PVS's truth volume grows to at least ``GROWTH`` (1.5) x and by at least ``MIN_VOXELS`` (5) voxels; a
+shrunk one falls to at most ``SHRINKAGE`` (0.5) x, by at least 5 voxels, and keeps at least 2; a
 vanished or new PVS has at least 4 voxels where it is present. Why these: a one-voxel layer around a
 PVS one or two voxels wide holds more voxels than the PVS itself, so the rule is a ratio, set beyond
 the spread that head motion alone gives a stable PVS. Measured on a ``small`` T2w-like subject
 under four motions (stable PVS in view): truth volume ratio p2.5-p97.5 0.50-1.31 for 5-8 voxels,
 0.68-1.33 for 8-15, 0.85-1.15 above 15; PVS of 1-2 voxels vanish in about 8 % of visits, those of 4
 voxels or more never. Motion alone shrinks more often than it grows (baseline PVS were selected as
-visible at their baseline position), hence 1.5 up and 0.5 down.
+visible at their baseline position), hence 1.5 up and 0.5 down. The 5 voxels: a change must exceed
+the noise floor of a change measurement, which same-session rescans of this phantom put at 4 voxels
+(90th percentile of ``|dV|``; ``nnunet-pvs change``'s default ``--min-change-voxels``, docs/change.md):
+a smaller change is not one any measurement of two visits could tell from noise.
+
+**Isolation.** A PVS that is changed, vanishes or is new keeps ``ISOLATION`` (2) voxels of empty space
+to every other labelled PVS (a (2 x 2 + 1)^3 neighbourhood of each of its voxels), checked at the
+unmoved position; the second voxel is room for the motion. One voxel of space is not enough: after the head moves and the PVS are re-rendered, two
+PVS one empty voxel apart can touch, and a change tracker that allows a voxel of misregistration
+(``nnunet-pvs change --tolerance 1``) links them into one track, so the change would be a property of
+two PVS, not one.
 """
 
 from __future__ import annotations
@@ -81,7 +97,8 @@ NARROW = (0.5, 0.7)      # radius factor
 SHORTEN = (0.5, 0.7)     # removed length / length
 GROWTH = 1.5             # an enlarged PVS's truth volume becomes at least 1.5 x ...
 SHRINKAGE = 0.5          # ... a shrunk one's at most 0.5 x (and at least 2 voxels) ...
-MIN_VOXELS = 3           # ... and either gains or loses at least 3 voxels
+MIN_VOXELS = 5           # ... and either gains or loses at least 5 voxels (above the rescan noise floor)
+ISOLATION = 2            # voxels of empty space between a changed, vanished or new PVS and any other
 MIN_SIZE = 4             # voxels of a PVS that is changed, vanishes or is new (where present)
 NEW_TRIES = 40           # tubes drawn per wanted new PVS before giving up
 
@@ -146,6 +163,25 @@ def in_view_fraction(tube: Tube, matrix: np.ndarray, an: dict) -> float:
     return float(inside.mean())
 
 
+def inside_both(idx: np.ndarray, matrix: np.ndarray, an: dict) -> bool:
+    """Whether the voxels ``idx`` (unmoved position) lie off the grid's outermost layers both where they
+    are and where the motion takes them: a PVS a slab cuts off at either visit shows a volume change
+    that is not one (``nnunet-pvs change`` calls such a track's change uncertain), so changes are made
+    where a slab can see them whole (PVS at the edges stay, unchanged, as in any scan)."""
+    shape = np.asarray(an["labels"].shape)
+    if not len(idx) or ((idx < 1) | (idx > shape - 2)).any():
+        return False
+    world = an["origin"] + idx * an["spacing"]
+    moved_idx = (world @ matrix[:3, :3].T + matrix[:3, 3] - an["origin"]) / an["spacing"]
+    return bool(((moved_idx >= 0.5) & (moved_idx <= shape - 1.5)).all())
+
+
+def _group(keys: np.ndarray, rows: np.ndarray) -> tuple[list, list]:
+    """(unique keys, the rows of each) of rows sorted by key."""
+    uniq, start = np.unique(keys, return_index=True)
+    return [int(k) for k in uniq], np.split(rows, start[1:])
+
+
 def _render(scene: Scene, tube: Tube, tissue_ok: np.ndarray):
     """(voxel indices, signal-weighted coverage, labelled-voxel flags) of one tube, or None."""
     an = scene.an
@@ -166,11 +202,12 @@ def _own_voxels(rendered) -> np.ndarray:
     return rendered[0][rendered[2]] if rendered is not None else np.zeros((0, 3), int)
 
 
-_NEIGHBOURS = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+_NEIGHBOURS = np.stack(np.meshgrid(*[np.arange(-ISOLATION, ISOLATION + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
 
 
 def _touches_other(idx: np.ndarray, ids: np.ndarray, own: int) -> bool:
-    """Whether any of the voxels ``idx`` or their 26 neighbours holds a labelled PVS other than ``own``."""
+    """Whether any of the voxels ``idx`` or a voxel within ``ISOLATION`` of one (every axis) holds a
+    labelled PVS other than ``own``."""
     if not len(idx):
         return False
     n = np.clip((idx[:, None, :] + _NEIGHBOURS[None]).reshape(-1, 3), 0, np.asarray(ids.shape) - 1)
@@ -178,12 +215,14 @@ def _touches_other(idx: np.ndarray, ids: np.ndarray, own: int) -> bool:
     return bool(np.any((v > 0) & (v != own)))
 
 
-def touching_ids(ids: np.ndarray) -> set:
-    """Ids of labelled PVS with a voxel of another PVS among the 26 neighbours of one of theirs."""
+def touching_ids(ids: np.ndarray, reach: int = 1) -> set:
+    """Ids of labelled PVS with a voxel of another PVS within ``reach`` voxels (every axis; 1: the 26
+    neighbours) of one of theirs."""
     fg = ids > 0
     big = np.iinfo(np.int32).max
-    high = ndimage.maximum_filter(ids, size=3, mode="constant", cval=0)
-    low = ndimage.minimum_filter(np.where(fg, ids, big).astype(np.int32), size=3, mode="constant", cval=big)
+    size = 2 * reach + 1
+    high = ndimage.maximum_filter(ids, size=size, mode="constant", cval=0)
+    low = ndimage.minimum_filter(np.where(fg, ids, big).astype(np.int32), size=size, mode="constant", cval=big)
     return {int(i) for i in np.unique(ids[fg & ((high != ids) | (low != ids))])}
 
 
@@ -233,11 +272,16 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
     tubes = list(scene.tubes)
     where = {tid: k for k, (_, tid) in enumerate(tubes) if tid}
     present = [tid for tid in where if tid < len(volume0) and volume0[tid] > 0]
-    touching = touching_ids(ids0)
+    touching = touching_ids(ids0, ISOLATION)
     candidates = [int(t) for t in rng.permutation([tid for tid in present
                                                    if tid not in touching and volume0[tid] >= MIN_SIZE])]
     view = {tid: in_view_fraction(tubes[where[tid]][0], matrix, an) for tid in candidates}
-    queue = sorted(candidates, key=lambda tid: view[tid])  # taken from the end: those in view first
+    fg = np.argwhere(ids0 > 0)
+    order = np.argsort(ids0[tuple(fg.T)], kind="stable")
+    voxels_of = dict(zip(*_group(ids0[tuple(fg.T)][order], fg[order])))
+    whole = {tid: inside_both(voxels_of[tid], matrix, an) for tid in candidates}
+    # taken from the end: PVS wholly inside the slab at both positions first, then by the share of the course in view
+    queue = sorted(candidates, key=lambda tid: (whole[tid], view[tid]))
     want = {k: max(1, int(round(r * len(present)))) for k, r in RATES.items()} if present else dict.fromkeys(RATES, 0)
     occupied = ids0.copy()   # labelled voxels so far, to keep changed and new PVS apart from the others
     changes: dict[int, tuple[str, str]] = {}
@@ -256,7 +300,8 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
             voxels = _own_voxels(still)
             after = len(_own_voxels(_render(scene, moved(new, matrix), tissue_ok_moved)))
             if (not meets_margin(status, int(volume0[tid]), len(voxels))
-                    or not meets_margin(status, int(volume0[tid]), after) or _touches_other(voxels, occupied, tid)):
+                    or not meets_margin(status, int(volume0[tid]), after) or _touches_other(voxels, occupied, tid)
+                    or (whole[tid] and not inside_both(voxels, matrix, an))):
                 continue
             sl = tuple(voxels.T)
             occupied[sl] = np.where(occupied[sl] == 0, tid, occupied[sl])
@@ -267,17 +312,25 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
         return False
 
     got = dict.fromkeys(("enlarged", "shrunk", "vanished"), 0)
-    while queue and any(got[k] < want[k] for k in got):
+    tried = {k: set() for k in got}   # candidates a class could not use stay for the other classes
+    open_ = set(got)
+    while open_:
         for status in got:  # one of each class in turn: a subject with few candidates still gets each class
-            if got[status] >= want[status] or not queue:
+            if status not in open_:
                 continue
-            tid = queue.pop()  # a candidate that fails stays as it is (stable)
+            # a PVS the slab cuts off only when the subject has no whole one left for a class it lacks
+            tid = next((t for t in reversed(queue) if t not in tried[status] and (whole[t] or not got[status])), None)
+            if got[status] >= want[status] or tid is None:
+                open_.discard(status)
+                continue
             if status == "vanished":
                 tubes[where[tid]] = None
                 changes[tid] = ("vanished", "remove")
-                got[status] += 1
-            elif change(status, tid):
-                got[status] += 1
+            elif not change(status, tid):
+                tried[status].add(tid)
+                continue
+            got[status] += 1
+            queue.remove(tid)
     tubes = [t for t in tubes if t is not None]
 
     # new PVS: drawn like the baseline's, in proportion to the labelled PVS of each family
@@ -287,8 +340,8 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
     weights = np.array([kinds.count(k) + 1.0 for k in families])
     next_id = int(max(where, default=0)) + 1
     new_voxels: dict[int, np.ndarray] = {}
-    tries = 0
-    while len(new_voxels) < want["new"] and families and tries < NEW_TRIES * max(want["new"], 1):
+    tries, budget = 0, NEW_TRIES * max(want["new"], 1)
+    while len(new_voxels) < want["new"] and families and tries < budget:
         tries += 1
         kind = families[int(rng.choice(len(families), p=weights / weights.sum()))]
         seeds = scene.seeds[kind]
@@ -306,6 +359,8 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
         after = len(_own_voxels(_render(scene, moved(tube, matrix), tissue_ok_moved)))
         if len(voxels) < MIN_SIZE or after < MIN_SIZE or _touches_other(voxels, occupied, 0):
             continue
+        if not inside_both(voxels, matrix, an) and (new_voxels or tries <= budget // 2):
+            continue  # one the slab cuts off only if half the tries gave the subject no new PVS at all
         occupied[tuple(voxels.T)] = next_id
         tubes.append((tube, next_id))
         changes[next_id] = ("new", "add")
@@ -314,8 +369,11 @@ def plan_follow_up(scene: Scene, rng, matrix: np.ndarray, tissue_ok_moved: np.nd
     return Plan(tubes, changes, new_voxels)
 
 
-def compose(scene: Scene, tubes: list, matrix: np.ndarray):
-    """Noise-free visit: (image, PVS signal fraction, truth ids, where PVS may show, {id: mean visibility})."""
+def compose(scene: Scene, tubes: list, matrix: np.ndarray, labelled: set | None = None):
+    """Noise-free visit: (image, PVS signal fraction, truth ids, where PVS may show, {id: mean visibility}).
+
+    ``labelled``: the ids that may hold truth voxels (default all): a tube the baseline drew but did not
+    label (its voxels all taken by a neighbour) stays unlabelled, whatever the motion does to it."""
     an = scene.an
     shape = an["labels"].shape
     below = resample(scene.below_pvs, matrix, an)
@@ -331,7 +389,7 @@ def compose(scene: Scene, tubes: list, matrix: np.ndarray):
         idx, weighted, voxel = r
         sl = tuple(idx.T)
         pvs_w[sl] = np.maximum(pvs_w[sl], weighted * tissue_ok[sl])
-        if tid and voxel.any():
+        if tid and voxel.any() and (labelled is None or tid in labelled):
             ids[sl] = np.where(voxel & (ids[sl] == 0), tid, ids[sl])
             visibility[tid] = float(weighted[voxel].mean())
     c = scene.intensities
@@ -367,7 +425,9 @@ def make_visit(scene: Scene, name: str) -> Visit:
         plan = plan_follow_up(scene, change_rng, matrix, tissue_ok_moved)
     else:
         plan = Plan(list(scene.tubes), {}, {})
-    img, _, ids, tissue_ok, visibility = compose(scene, plan.tubes, matrix)
+    volume0 = np.bincount(scene.truth_ids.ravel())
+    labelled = {int(t) for t in np.flatnonzero(volume0)} - {0} | set(plan.new_voxels)
+    img, _, ids, tissue_ok, visibility = compose(scene, plan.tubes, matrix, labelled)
     image, _ = imaging.bias_and_noise(noise_rng, img, scene.sigma, scene.an["spacing"])
     mask = annotate(noise_rng, ids, visibility, tissue_ok) if visibility else ids > 0
     rows = truth_rows(scene, name, ids, plan, matrix)
@@ -381,7 +441,7 @@ def id_stats(ids: np.ndarray, labels: np.ndarray, an: dict) -> tuple[np.ndarray,
     n = int(ids.max()) + 1 if ids.size else 1
     count = np.bincount(v, minlength=n)
     pts = an["origin"] + np.stack(fg, 1) * an["spacing"]
-    centroid = np.stack([np.bincount(v, weights=pts[:, k], minlength=n) for k in range(3)], 1)
+    centroid = np.stack([np.bincount(v, weights=pts[:, k], minlength=n) for k in range(3)], 1).astype(float)
     centroid /= np.maximum(count, 1)[:, None]
     region = np.where(np.isin(labels[fg], BG_LABELS), 2, np.where(np.isin(labels[fg], WM_LABELS), 1, 0))
     votes = np.bincount(v * 3 + region, minlength=n * 3).reshape(n, 3)
