@@ -54,7 +54,7 @@ from nnunet_pvs.change.tracks import CHANGES  # noqa: E402
 from nnunet_pvs.evaluation.clusters import label  # noqa: E402
 from nnunet_pvs.evaluation.cohort_stats import icc  # noqa: E402
 from nnunet_pvs.evaluation.io import read_probabilities  # noqa: E402
-from nnunet_pvs.evaluation.report import markdown_table  # noqa: E402
+from nnunet_pvs.tables import markdown_table  # noqa: E402
 
 DEMO_MODEL = Path("/work/demo_try/nnUNet_results/Dataset901_PVSPhantomT2w/nnUNetTrainerMfNSDe_budget__nnUNetPlans__2d")
 DATASET_ID = 980
@@ -299,7 +299,7 @@ def evaluate(kind: str, preds: dict[str, Path], ds: Path, work: Path, env: dict,
 
 def _md_table(df: pd.DataFrame, index: bool = False) -> list[str]:
     df = df.reset_index() if index else df
-    return [markdown_table(df.rename(columns=str)), ""]
+    return [markdown_table(df), ""]
 
 
 def report(results: dict, args, ds: Path, timing: dict) -> list[str]:

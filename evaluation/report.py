@@ -11,6 +11,7 @@ import pandas as pd
 
 from nnunet_pvs import tables
 from nnunet_pvs.staging import earlier_layout, staged_folder
+from nnunet_pvs.tables import markdown_table
 from nnunet_pvs.evaluation.sweeps import pool_cluster_sizes, size_agreement
 
 KEY_COLUMNS = ("case", "region", "threshold")
@@ -64,23 +65,6 @@ def pool_size_groups(df: pd.DataFrame) -> pd.DataFrame:
     g["lesion_dice"] = g["lesion_dice_sum"] / g["n_lesion_pairs"].where(g["n_lesion_pairs"] > 0)
     g["n_cases"] = df.groupby(["region", "threshold", "size_group"], sort=False, dropna=False).size().to_numpy()
     return g
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        if math.isnan(v):
-            return "n/a"
-        if float(v).is_integer() and abs(v) >= 10:
-            return f"{v:.0f}"
-        return f"{v:.2g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
-    return str(v)
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def case_table(per_case: pd.DataFrame, region: str) -> pd.DataFrame:

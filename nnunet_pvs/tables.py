@@ -1,8 +1,8 @@
 """Tables in and out: the user's CSV/TSV tables read strictly, ours written one way.
 
 Every command writes its CSVs through :func:`write_csv` (no index, a stated number of significant
-digits, atomically when the file is not inside a staging folder), so two tables of the project never
-disagree on format. Reading the user's tables (manifests, covariates.csv, participants.tsv):
+digits, atomically when the file is not inside a staging folder) and its Markdown tables through
+:func:`markdown_table`, so two tables of the project never disagree on format. Reading the user's tables (manifests, covariates.csv, participants.tsv):
 
 Spreadsheet exports go wrong in ways pandas accepts silently or answers with a traceback: an
 empty file, a non-UTF-8 encoding, a row with more or fewer cells than the header, a repeated or
@@ -122,3 +122,27 @@ def write_csv(df: pd.DataFrame, path: Path, digits: int = 10, atomic: bool = Fal
         write_file_atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False, float_format=fmt))
     else:
         df.to_csv(path, index=False, float_format=fmt)
+
+
+def format_number(v) -> str:
+    """A cell of a Markdown table: 3 decimals, 2 significant digits under 0.01, whole numbers >= 10 as
+    integers, ``n/a`` for NaN; anything else as ``str``."""
+    import math
+
+    if isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return "n/a"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if float(v).is_integer() and abs(v) >= 10:
+            return f"{v:.0f}"
+        return f"{v:.2g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame, fmt=format_number) -> str:
+    """``df`` as a GitHub Markdown table (no index), each cell through ``fmt``."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from nnunet_pvs.staging import check_output_folder, check_writable_target, earlier_layout, staged_folder
 from nnunet_pvs import metric_registry
+from nnunet_pvs.tables import markdown_table
 from nnunet_pvs.compare.training_progress import LEARN_FLOOR, MIN_EPOCHS, NOT_LEARNING, RISE_TOL
 
 VOXEL_METRICS = [("dice", "DSC"), ("sensitivity", "SEN"), ("ppv", "PPV")]
@@ -94,12 +95,9 @@ def markdown_grouped(table: pd.DataFrame, models: list[str], metrics: list[tuple
     return "\n".join(lines)
 
 
-def markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(v) if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
+def _markdown(df: pd.DataFrame) -> str:
+    """compare's tables: floats at 3 decimals (``_fmt``), the rest as they are."""
+    return markdown_table(df, lambda v: _fmt(v) if isinstance(v, float) else str(v))
 
 
 def _p(v) -> str:
@@ -236,7 +234,7 @@ def render_markdown(d: ReportData, plots: bool) -> str:
             "model": "Model", "status": "Status", "checkpoint": "Checkpoint used (classical: filter chosen)",
             "budget": "Budget run", "batch_size": "Batch", "device": "Device",
             "convergence": "Convergence", "ema_pseudo_dice_last": "final EMA pseudo Dice (mean of folds)"})
-        out += [markdown_table(mt), ""]
+        out += [_markdown(mt), ""]
     if not d.classical.empty:
         best = {c: f"best {c.rsplit('_', 1)[1]}" for c in d.classical.columns if c.startswith("best_train_dice_")}
         shown = d.classical.assign(threshold=d.classical["threshold"].map(lambda t: f"{t:.4g}"))
@@ -244,7 +242,7 @@ def render_markdown(d: ReportData, plots: bool) -> str:
                 "Per fold, the filter (family and scales: sigmas, or the top-hat's radius r) and threshold with the "
                 "highest mean Dice on the fold's training subjects only, applied unchanged to the subjects it is "
                 "scored on; *best frangi/sato/tophat*: each family's best mean training Dice.", "",
-                markdown_table(shown.rename(columns={
+                _markdown(shown.rename(columns={
                     "model": "Model", "fold": "Fold", "n_train": "training subjects", "n_targets": "scored subjects",
                     "filter": "filter", "scales_mm": "scales (mm)", "threshold": "threshold",
                     "train_dice": "mean training Dice", **best})), ""]
@@ -267,7 +265,7 @@ def render_markdown(d: ReportData, plots: bool) -> str:
             v = v[np.isfinite(v)]
             row[name] = f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else (f"{v.mean():.2f}" if len(v) else "n/a")
         summ.append(row)
-    out += [markdown_table(pd.DataFrame(summ)), ""]
+    out += [_markdown(pd.DataFrame(summ)), ""]
     regions = [r for r in d.per_case["region"].unique() if r != "whole"]
     further = [m for m in str(d.settings.get("extra_metrics", "none")).split(",") if m and m != "none"]
     if further:
@@ -309,7 +307,7 @@ def render_markdown(d: ReportData, plots: bool) -> str:
         "model": "Model", "status": "Status", "folds_with_logs": "folds logged", "epochs_per_fold": "epochs/fold",
         "epochs_total": "epochs total", "s_per_epoch_mean": "s/epoch (mean)", "s_per_epoch_median": "s/epoch (median)",
         "train_hours_total": "hours total"})
-    out += [markdown_table(cost), ""]
+    out += [_markdown(cost), ""]
     out += ["## Files", "",
             "- `per_case_metrics.csv`: every metric of the evaluation module, per model, case and region",
             "- `table2_voxel.csv`, `table_cluster.csv`: the tables above (cases, mean, std)",
