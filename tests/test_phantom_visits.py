@@ -309,3 +309,14 @@ def test_id_stats_hand_computed():
     np.testing.assert_allclose(centroid[2], [10.0 + 2.0 * 2 / 3, 20.0 + 5 / 3, 30.0])
     np.testing.assert_allclose(centroid[3], [16.0, 20.0, 30.5])
     assert [V.REGION_NAMES[r] for r in region[1:]] == ["wm", "bg", "other"]
+
+
+def test_inside_both_needs_the_pvs_off_the_slab_edges_before_and_after_the_motion():
+    an = {"labels": np.zeros((10, 10, 10), np.int16), "origin": np.zeros(3), "spacing": np.ones(3)}
+    still = np.eye(4)
+    assert V.inside_both(np.array([[1, 1, 1], [8, 8, 8]]), still, an)
+    assert not V.inside_both(np.array([[0, 5, 5]]), still, an)          # on the outermost layer
+    assert not V.inside_both(np.zeros((0, 3), int), still, an)           # nothing to measure
+    shift = V.rigid_matrix((0, 0, 0), (1.0, 0, 0), (0, 0, 0))
+    assert V.inside_both(np.array([[7, 5, 5]]), shift, an)               # moved to x = 8: still inside
+    assert not V.inside_both(np.array([[8, 5, 5]]), shift, an)           # moved onto the last layer
