@@ -17,7 +17,7 @@ outside". Ratios (spacing, anisotropy, field of view) are banded on a log scale,
 check              measure                      floor       refused when
 =================  ===========================  ==========  ==========================================
 files              names, channels, reading     -           always: missing / extra channel, unreadable
-                                                            file, name without _XXXX, channels on
+                                                            file, name without _0000 (channel), channels on
                                                             different voxel grids (nnU-Net cannot run)
 dimensionality     array dimensions             -           always when not the training's (3-D)
 finite             NaN / inf voxels             -           always: one NaN turns nnU-Net's z-score of

@@ -1,4 +1,5 @@
-"""Finding a case's channel files (``CASE_XXXX<file_ending>``, nnU-Net's naming) and reading them.
+"""Finding a case's channel files (``CASE_0000<file_ending>``, ``CASE_0001...``: nnU-Net's naming) and
+reading them.
 
 Nothing here raises for a bad scan: a file that cannot be read, a missing or extra channel, a name
 without the channel suffix or channels of different geometry become *problems* (sentences naming
@@ -48,7 +49,8 @@ def gather_scans(folder: Path, file_ending: str, cases: list[str] | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise UserError(f"{folder}: {option} {what}; give the folder of images named CASE_XXXX{file_ending}")
+        raise UserError(f"{folder}: {option} {what}; give the folder of images named CASE_0000{file_ending} "
+                        "(one per channel: _0000, _0001, ...)")
     found: dict[str, ScanFiles] = {}
     ignored = []
     for p in sorted(folder.iterdir()):
