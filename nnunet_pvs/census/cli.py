@@ -17,6 +17,16 @@ from pathlib import Path
 from nnunet_pvs.errors import UserError
 
 
+def add_subject_output_arguments(p: argparse.ArgumentParser, plots: str, label_maps: str) -> None:
+    """The per-subject output options shared by ``census`` and ``change`` (plots, overlays, label maps,
+    geometry tolerance, workers); ``plots`` and ``label_maps`` say what those write for the command."""
+    p.add_argument("--no-plots", action="store_true", help=f"no PNGs ({plots}); tables only")
+    p.add_argument("--mosaic-slices", type=int, default=12, help="axial slices per overlay (default 12)")
+    p.add_argument("--label-maps", action="store_true", help=f"also write {label_maps}")
+    p.add_argument("--geometry-tol", type=float, default=1e-3, help="spacing/affine tolerance in mm (default 1e-3)")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="subjects in parallel (default 1)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", type=Path, metavar="PRED",
                    help="folder of nnU-Net predictions: binary NIfTIs CASE.nii.gz and/or probability files "
@@ -44,12 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--binary", action="store_true", help="use the NIfTI masks even where probability files exist")
     p.add_argument("--allow-missing", action="store_true",
                    help="skip predictions without an image or region map instead of stopping")
-    p.add_argument("--no-plots", action="store_true", help="no PNGs (overlays, distributions); tables only")
-    p.add_argument("--mosaic-slices", type=int, default=12, help="axial slices per overlay (default 12)")
-    p.add_argument("--label-maps", action="store_true",
-                   help="also write labels/CASE.nii.gz, each voxel holding its cluster number of clusters.csv")
-    p.add_argument("--geometry-tol", type=float, default=1e-3, help="spacing/affine tolerance in mm (default 1e-3)")
-    p.add_argument("-np", "--num-processes", type=int, default=1, help="subjects in parallel (default 1)")
+    add_subject_output_arguments(p, plots="overlays, distributions",
+                                 label_maps="labels/CASE.nii.gz, each voxel holding its cluster number of clusters.csv")
     check = p.add_mutually_exclusive_group()
     check.add_argument("--qc", type=Path, metavar="INPUTS_QC_CSV",
                        help="verdicts of `nnunet-pvs check-inputs` (its OUT/inputs_qc.csv): qc_verdict and "

@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from nnunet_pvs.census.cli import add_subject_output_arguments
 from nnunet_pvs.errors import UserError
 
 # the defaults of the rules, measured on same-session rescans (docs/change.md, "Where the thresholds come from")
@@ -66,12 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-going", action="store_true",
                    help="a subject that fails goes to OUT/failures.csv and the others go on (exit status 1); "
                         "default: the first failure stops the run (exit status 2)")
-    p.add_argument("--no-plots", action="store_true", help="no PNGs (overlays, volume scatter); tables only")
-    p.add_argument("--mosaic-slices", type=int, default=12, help="axial slices per overlay (default 12)")
-    p.add_argument("--label-maps", action="store_true",
-                   help="also write cases/CASE/tracks.nii.gz: each baseline-space voxel holds its track number")
-    p.add_argument("--geometry-tol", type=float, default=1e-3, help="spacing/affine tolerance in mm (default 1e-3)")
-    p.add_argument("-np", "--num-processes", type=int, default=1, help="subjects in parallel (default 1)")
+    add_subject_output_arguments(p, plots="overlays, volume scatter",
+                                 label_maps="cases/CASE/tracks.nii.gz: each baseline-space voxel holds its track number")
 
 
 def options_from(args):
