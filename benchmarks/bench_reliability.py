@@ -74,13 +74,18 @@ def add_rician_noise(img: np.ndarray, sigma: float, factor: float, rng) -> np.nd
     return np.sqrt((img + n1) ** 2 + n2 ** 2)
 
 
-def strong_bias(img: np.ndarray, rng) -> np.ndarray:
-    """A smooth multiplicative field spanning exp(-A) to exp(+A), much coarser and stronger than training's."""
+def smooth_log_field(shape, rng, amplitude: float = BIAS_AMPLITUDE) -> np.ndarray:
+    """A smooth log field spanning -A..+A over the field of view (a 3 x 3 x 2 random grid, cubic
+    interpolation): much coarser and, at A = 0.7, much stronger than the phantom's own 10-20 %."""
     coarse = rng.normal(0.0, 1.0, (3, 3, 2))
-    field = ndimage.zoom(coarse, np.array(img.shape) / np.array(coarse.shape), order=3)[
-        : img.shape[0], : img.shape[1], : img.shape[2]]
-    field = (field - field.min()) / max(float(np.ptp(field)), 1e-6) * 2.0 - 1.0
-    return img * np.exp(BIAS_AMPLITUDE * field)
+    field = ndimage.zoom(coarse, np.array(shape) / np.array(coarse.shape), order=3)[
+        : shape[0], : shape[1], : shape[2]]
+    return amplitude * ((field - field.min()) / max(float(np.ptp(field)), 1e-6) * 2.0 - 1.0)
+
+
+def strong_bias(img: np.ndarray, rng) -> np.ndarray:
+    """The image under a smooth multiplicative field spanning exp(-A) to exp(+A)."""
+    return img * np.exp(smooth_log_field(img.shape, rng))
 
 
 def lower_resolution(img: np.ndarray) -> np.ndarray:
@@ -174,6 +179,33 @@ def score(scans: pd.DataFrame, pred: Path) -> pd.DataFrame:
         rows.append({**r._asdict(), "dice": m["dice"], "sensitivity": m["sensitivity"], "ppv": m["ppv"],
                      "ref_voxels": m["tp_voxels"] + m["fn_voxels"], **reliability(prob.data)})
     return pd.DataFrame(rows).drop(columns=["Index", "label"])
+
+
+def input_checks(scans_dir: Path, model: Path, training_images: Path, out: Path, env: dict, log: Path) -> pd.DataFrame:
+    """What ``nnunet-pvs check-inputs`` says of every scan before prediction: verdict, failed checks and
+    the bias-field measure (the command as a user types it, training images given explicitly)."""
+    from nnunet_pvs.input_check import read_qc
+
+    shutil.rmtree(out, ignore_errors=True)
+    timing = run_logged([BIN / "nnunet-pvs", "check-inputs", "-i", scans_dir, "-m", model, "-o", out,
+                         "--training-images", training_images, "--quiet"], env, log)
+    qc = read_qc(out)[["case", "verdict", "failed_checks", "bias_field_0000"]]
+    qc.attrs["wall_s"] = timing["wall_s"]
+    return qc
+
+
+def flag_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per shift: verdict counts, the share of scans flagged (warn or refuse) and how often each check fired."""
+    rows = []
+    for shift in (s for s in SHIFTS if s in set(df["shift"])):
+        d = df[df["shift"] == shift]
+        checks = pd.Series(" ".join(d["failed_checks"].fillna("")).split()).value_counts()
+        rows.append({"shift": shift, "scans": len(d), **{v: int((d["verdict"] == v).sum()) for v in
+                                                          ("ok", "warn", "refuse")},
+                     "flagged": float((d["verdict"] != "ok").mean()), "dice": float(d["dice"].mean()),
+                     "checks": ", ".join(f"{c} {n}" for c, n in checks.items()),
+                     "bias_field": f"{d['bias_field_0000'].min():.3f}-{d['bias_field_0000'].max():.3f}"})
+    return pd.DataFrame(rows).set_index("shift")
 
 
 def auc(signal: np.ndarray, bad: np.ndarray) -> float:
@@ -282,6 +314,20 @@ def report(df: pd.DataFrame, res: dict, args, model: Path, timing: dict) -> list
         lines.append(f"* `{name}` {'tracks' if tracks else 'does not track'} Dice (rho {s['rho']:.2f}, "
                      f"p {s['p']:.2g}, n {s['n']}); it separates bad from good predictions with AUC "
                      f"{s['auc']:.2f}.")
+    if "verdict" in df:
+        flags = flag_table(df)
+        shifted = df[df["shift"] != "in-domain"]
+        lines += ["", "## Before prediction: what `nnunet-pvs check-inputs` says of the same scans", "",
+                  f"`nnunet-pvs check-inputs -i SCANS -m MODEL --training-images {args.test_raw / 'imagesTr'}` "
+                  f"({df.attrs.get('qc_wall_s', math.nan):.0f} s for {len(df)} scans and the training images). "
+                  f"Flagged (warn or refuse): {int((shifted['verdict'] != 'ok').sum())} of {len(shifted)} shifted "
+                  f"scans; in-domain scans passed: {int((df.loc[df['shift'] == 'in-domain', 'verdict'] == 'ok').sum())}"
+                  f" of {int((df['shift'] == 'in-domain').sum())}. Bias field: the std of the fitted log field "
+                  "(docs/check_inputs.md).", "",
+                  "| shift | scans | ok | warn | refuse | flagged | mean Dice | checks that fired (scans) | bias field |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {shift} | {r.scans} | {r.ok} | {r.warn} | {r.refuse} | {r.flagged:.0%} | {r.dice:.3f} | "
+                  f"{r.checks or '-'} | {r.bias_field} |" for shift, r in flags.iterrows()]
     lines += ["", f"![signal vs Dice]({args.name}.png)", "",
               f"Per-scan values: {args.name}.csv. Shifts: noise x2/x4 = Rician noise at 2x/4x the subject's "
               f"sigma; bias field = smooth multiplicative field exp(+-{BIAS_AMPLITUDE}); low resolution = block "
@@ -306,6 +352,8 @@ def main() -> int:
     ap.add_argument("--name", default="reliability", help="results file stem (default reliability)")
     ap.add_argument("--reuse-predictions", action="store_true",
                     help="score the predictions of an earlier run with the same options (after changing the analysis)")
+    ap.add_argument("--no-input-check", action="store_true",
+                    help="skip running nnunet-pvs check-inputs on the shifted scans")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_reliability"))
     ap.add_argument("--results", type=Path, default=RESULTS, help="where NAME.md/.csv/.png go")
     args = ap.parse_args()
@@ -354,6 +402,11 @@ def main() -> int:
                             logs / f"predict_{args.name}.log")
         timing_file.write_text(json.dumps(timing))
     df = score(scans, pred)
+    if not args.no_input_check:
+        qc = input_checks(scans_dir, model, args.test_raw / "imagesTr", run_dir / "inputs_qc", env,
+                          logs / f"check_inputs_{args.name}.log")
+        df = df.merge(qc, on="case", how="left")
+        df.attrs["qc_wall_s"] = qc.attrs["wall_s"]
     res = analyse(df)
 
     from nnunet_pvs.staging import write_text_atomic

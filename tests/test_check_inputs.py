@@ -11,6 +11,7 @@ flagged with its reason, in-domain scans pass.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -26,6 +27,7 @@ from scipy import ndimage
 
 from nnunet_pvs.errors import UserError
 from nnunet_pvs.input_check import check_scans, read_qc
+from nnunet_pvs.input_check.bias_field import log_field_spread
 from nnunet_pvs.input_check.checks import RULES, band
 from nnunet_pvs.input_check.measures import (
     axcodes,
@@ -367,6 +369,26 @@ def test_measures_by_hand():
     assert (axcodes(permuted), axis_order(axcodes(permuted))) == ("SRA", "zxy")
 
 
+def test_bias_field_measure_recovers_an_imposed_field():
+    """Three tissues in random blobs (not concentric, so no shell profile to mistake for a field), Rician
+    noise: the measure is near 0 without a field and recovers the standard deviation of a known smooth
+    log field (linear in x and z, quadratic in y) within 10 %; too small a head gives NaN."""
+    rng = np.random.default_rng(3)
+    shape, spacing = (64, 64, 32), (1.0, 1.0, 1.5)
+    blobs = ndimage.gaussian_filter(rng.normal(size=shape), 3.0)
+    img = np.array([380.0, 520.0, 1000.0])[np.digitize(blobs, np.quantile(blobs, [0.5, 0.85]))]
+    n1, n2 = rng.normal(0, 30, (2, *shape))
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    log_field = 0.5 * x - 0.3 * y ** 2 + 0.2 * z
+    head = np.ones(shape, bool)
+    for scale in (0.0, 0.25, 1.0):
+        biased = np.sqrt((img * np.exp(scale * log_field) + n1) ** 2 + n2 ** 2)
+        spread = log_field_spread(biased, head, spacing)
+        truth = float((scale * log_field).std())
+        assert spread == pytest.approx(truth, rel=0.10, abs=0.02), (scale, spread, truth)
+    assert math.isnan(log_field_spread(img, np.zeros(shape, bool), spacing))
+
+
 def test_model_geometry_is_turned_into_nibabel_order(tmp_path):
     """Reader order (z, y, x) in the fingerprint; a 2d configuration's two spacings are the last two
     transposed axes, the first keeps the dataset's median (transpose_forward [2, 0, 1]: reader axes
@@ -440,9 +462,16 @@ def test_real_nnunet_fingerprint_and_the_phantom_other_contrast(tmp_path):
     shutil.copy(raw / "imagesTs" / "pvs004_0000.nii.gz", scans / "t2w_0000.nii.gz")
     shutil.copy(dirs["nnUNet_raw"] / "Dataset962_PVSPhantomT1w" / "imagesTr" / "pvs000_0000.nii.gz",
                 scans / "t1w_0000.nii.gz")
+    # the held-out subject under a left-right field of 0.5x to 2x (the phantom's own: 10-20 %)
+    t2w = nib.load(str(scans / "t2w_0000.nii.gz"))
+    ramp = np.linspace(-1.0, 1.0, t2w.shape[0])[:, None, None]
+    save(scans / "biased_0000.nii.gz", (np.asarray(t2w.dataobj) * np.exp(0.7 * ramp)).astype(np.float32), t2w.affine)
     proc = run_cli([CLI, "check-inputs", "-i", scans, "-m", model, "-o", tmp_path / "qc", "--strict"], env=env,
                    check=False)
-    assert proc.returncode == 1 and proc.stdout.startswith("2 scans: 1 ok, 0 warn, 1 refuse"), proc.stdout + proc.stderr
+    assert proc.returncode == 1 and proc.stdout.startswith("3 scans: 1 ok, 1 warn, 1 refuse"), proc.stdout + proc.stderr
     qc = pd.read_csv(tmp_path / "qc" / "inputs_qc.csv", keep_default_na=False).set_index("case")
     assert qc.loc["t2w", "verdict"] == "ok", qc.loc["t2w", "reasons"]
     assert {"contrast", "spacing"} <= set(qc.loc["t1w", "failed_checks"].split())
+    assert qc.loc["biased", "failed_checks"] == "bias_field", qc.loc["biased", "reasons"]
+    assert "a stronger bias field than in any training image" in qc.loc["biased", "reasons"]
+    assert qc.loc["biased", "bias_field_0000"] > 3 * qc.loc["t2w", "bias_field_0000"]

@@ -11,7 +11,7 @@ from nnunet_pvs.input_check.model import ModelInfo
 from nnunet_pvs.input_check.scans import Scan
 
 AXES = ("x", "y", "z")
-CHANNEL_MEASURES = ("zero_share", "z_p01", "z_p50", "z_p99", "core_skew", "autocorr", "head_share")
+CHANNEL_MEASURES = ("zero_share", "z_p01", "z_p50", "z_p99", "core_skew", "autocorr", "head_share", "bias_field")
 # measured against the training reference, not on the scan alone (reference.distances_to_training)
 REFERENCE_MEASURES = ("intensity_distance",)
 

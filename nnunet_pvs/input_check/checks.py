@@ -47,6 +47,9 @@ structure          lag-1 autocorrelation        0.10        below by 3 m (noise 
 brain_extraction   share of voxels exactly 0    0.05        never: a stripped brain (or an unstripped
                                                             head) still shows the tissue the model
                                                             knows; the edges suffer (SHiVAi #28)
+bias_field         std of the smooth log field  0.03        never (warn above the band; below is fine): a
+                   a tissue-mixture model fits              field is corrected, not refused (N4); MR only
+                   (``bias_field``)
 =================  ===========================  ==========  ==========================================
 
 Spacing and field of view come from the fingerprint (``spacings``, ``shapes_after_crop``); the rest
@@ -67,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunet_pvs.input_check.case import AXES, channel_column
-from nnunet_pvs.input_check.measures import axis_order
+from nnunet_pvs.input_check.measures import NO_FIELD_SCHEMES, axis_order
 from nnunet_pvs.input_check.model import REORIENTING_READER, ModelInfo
 from nnunet_pvs.input_check.reference import DISTANCE, Reference, leave_one_out_distances
 
@@ -100,8 +103,10 @@ RULES = {
     "core_skew": Rule("contrast", "skewness in the head's core", 0.5, refuse_low=False, refuse_high=False),
     "autocorr": Rule("structure", "neighbour correlation", 0.10, refuse_high=False),
     "zero_share": Rule("brain_extraction", "share of zero voxels", 0.05, refuse_low=False, refuse_high=False),
+    "bias_field": Rule("bias_field", "smooth intensity non-uniformity (std of the fitted log field)", 0.03,
+                       refuse_low=False, refuse_high=False, flag_low=False),
 }
-REFERENCE_CHECKS = ("orientation", "intensity", "contrast", "structure", "brain_extraction")
+REFERENCE_CHECKS = ("orientation", "intensity", "contrast", "structure", "brain_extraction", "bias_field")
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,10 @@ def training_bands(model: ModelInfo, ref: Reference | None) -> dict[str, Band]:
         for c in range(model.n_channels):
             # one training case has no spread of distances: its band is [0, 0] widened by the floor
             out[channel_column(DISTANCE, c)] = band(leave_one_out_distances(ref, c) or [0.0], RULES[DISTANCE])
-            for m in ("core_skew", "autocorr", "zero_share"):
-                out[channel_column(m, c)] = band(ref.values[channel_column(m, c)], RULES[m])
+            for m in ("core_skew", "autocorr", "zero_share", "bias_field"):
+                values = [v for v in ref.values[channel_column(m, c)] if v is not None and math.isfinite(v)]
+                if values:  # none: not measured (CT, or a reference written before the measure existed)
+                    out[channel_column(m, c)] = band(values, RULES[m])
     return out
 
 
@@ -210,6 +217,9 @@ def _banded_findings(row: dict, bands: dict[str, Band], model: ModelInfo) -> lis
                 text += " - another balance of bright and dark tissue than in training"
             elif check == "structure" and value < b.lo:
                 text += " - less spatial structure than any training image (noise?)"
+            elif check == "bias_field":
+                text += (" - a stronger bias field than in any training image: correct it as the training images were "
+                         "(e.g. N4) or look at the prediction")
             out.append(Finding(check, lv, text, column))
     return out
 
@@ -315,8 +325,15 @@ def not_checked(model: ModelInfo, ref: Reference | None) -> list[str]:
     if ref is None:
         out = [c if c != "brain_extraction" else f"{c} (zero share: nnU-Net's crop rule used instead)"
                for c in REFERENCE_CHECKS]
-    elif model.reader == REORIENTING_READER:
-        out = ["orientation (the model's reader reorients every image to RAS)"]
+    else:
+        if model.reader == REORIENTING_READER:
+            out = ["orientation (the model's reader reorients every image to RAS)"]
+        for c in range(model.n_channels):
+            column = channel_column("bias_field", c)
+            measured = [v for v in ref.values.get(column, []) if v is not None and math.isfinite(v)]
+            if not measured and model.normalization[c] not in NO_FIELD_SCHEMES:
+                out.append(f"bias_field of channel {c:04d} (the training reference predates this measure: "
+                           "measure the training images again with --training-images)")
     return out
 
 

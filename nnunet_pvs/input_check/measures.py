@@ -19,10 +19,13 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from nnunet_pvs.input_check.bias_field import log_field_spread
+
 HEAD_LEVEL = 0.10           # head mask: above this fraction of the way from min to p99
 CORE_DEPTH = 0.40           # head core: farther from the head's edge than this fraction of the deepest voxel's depth
 QUANTILES = (1.0, 50.0, 99.0)
 PROFILE_QUANTILES = tuple(float(q) for q in range(1, 100, 2))  # 50 quantiles: the distribution compared as a whole
+NO_FIELD_SCHEMES = ("CTNormalization", "RGBTo01Normalization")
 AXIS_CLASS = {"L": "x", "R": "x", "P": "y", "A": "y", "I": "z", "S": "z"}  # anatomical axis of a code letter
 
 
@@ -135,7 +138,10 @@ def channel_measures(full: np.ndarray, box, nonzero: np.ndarray, spacing, scheme
     """Every per-channel measure of one channel (uncropped array ``full``) and its quantile profile."""
     cropped = full[box]
     out, profile = intensity_measures(cropped, normalise(cropped, scheme, use_mask, nonzero, foreground), spacing)
-    return {"zero_share": float((full == 0).mean()), **out}, profile
+    # a multiplicative field is an MR artefact; CT numbers and RGB images have none
+    field = (log_field_spread(cropped, head_mask(cropped), spacing) if scheme not in NO_FIELD_SCHEMES
+             else float("nan"))
+    return {"zero_share": float((full == 0).mean()), **out, "bias_field": field}, profile
 
 
 def quantile_distance(a, b) -> float:

@@ -29,8 +29,9 @@ from nnunet_pvs.input_check.scans import gather_scans, load_scan
 
 REFERENCE_FILE = "inputs_reference.json"
 MAX_TRAINING_CASES = 50  # evenly spread over the sorted ids: a spread of 50 cases is stable and takes minutes at most
-FORMAT = 1
+FORMAT = 2  # 2: adds bias_field (a format-1 file is read without it; that check is then not done)
 DISTANCE = "intensity_distance"
+OPTIONAL_MEASURES = ("bias_field",)  # absent from references written before they existed
 
 
 @dataclass
@@ -102,6 +103,9 @@ def load_reference(path: Path, model: ModelInfo) -> Reference:
         raise UserError(f"{path}: reference file does not exist") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not an {REFERENCE_FILE} written by nnunet-pvs check-inputs ({e})") from None
+    for c in range(model.n_channels):
+        for m in OPTIONAL_MEASURES:
+            ref.values.setdefault(channel_column(m, c), [float("nan")] * len(ref.cases))
     want = model_identity(model)
     for key in ("channel_names", "normalization", "use_mask_for_norm"):
         if ref.model.get(key) != want[key]:
