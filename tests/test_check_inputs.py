@@ -265,6 +265,17 @@ def test_reference_file_replaces_the_training_images(world, qc_run, tmp_path):
     shutil.copy(out / "inputs_reference.json", model)
     qc3 = check_scans(world.scans, model, cases=["t1w"], progress=False)
     assert qc3["verdict"].tolist() == ["refuse"] and "contrast" in qc3["failed_checks"][0]
+    # a reference written before the bias-field measure existed (format 1): read, that one check not done
+    old = json.loads((out / "inputs_reference.json").read_text())
+    del old["values"]["bias_field_0000"]
+    old["format"] = 1
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    proc = run_cli([CLI, "check-inputs", "-i", world.scans, "-m", world.heads, "-o", tmp_path / "o", "--quiet",
+                    "--reference", tmp_path / "old.json"], env=env)
+    qc4 = pd.read_csv(tmp_path / "o" / "inputs_qc.csv", keep_default_na=False).set_index("case")
+    assert qc4["verdict"].to_dict() == qc["verdict"].to_dict()
+    assert "bias_field of channel 0000 (the training reference predates this measure" in proc.stderr
+    assert qc4.loc["indomain0", "not_checked"].startswith("bias_field of channel 0000")
 
 
 def test_without_training_images_the_fingerprint_checks_still_run(world, tmp_path):
