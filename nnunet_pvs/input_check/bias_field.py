@@ -23,7 +23,8 @@ along each axis), each run briefly, and the one with the highest likelihood is r
 
 The measure is the standard deviation of the fitted log field over the head: 0 without a field;
 about 0.25 for a field spanning 0.5-2x; the phantom's own 10-20 % field plus what the fit cannot tell
-from anatomy gives 0.02-0.14 (docs/check_inputs.md).
+from anatomy gives 0.002-0.03 on whole brains and up to 0.14 on a 44 x 44 x 16 mm slab
+(benchmarks/results/bias_field.md).
 """
 
 from __future__ import annotations
