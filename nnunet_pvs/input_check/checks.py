@@ -164,6 +164,11 @@ def band(values, rule: Rule) -> Band:
     return Band(lo, hi, max(SPREAD_FRACTION * (hi - lo), rule.floor), rule)
 
 
+def _measured(ref: Reference, column: str) -> bool:
+    """Whether any training case has a finite value of ``column``."""
+    return any(v is not None and math.isfinite(v) for v in ref.values.get(column, []))
+
+
 def training_bands(model: ModelInfo, ref: Reference | None) -> dict[str, Band]:
     """Every band, keyed by the measured column it applies to (``spacing_x_mm``, ``core_skew_0000``, ...)."""
     out = {}
@@ -176,9 +181,8 @@ def training_bands(model: ModelInfo, ref: Reference | None) -> dict[str, Band]:
             # one training case has no spread of distances: its band is [0, 0] widened by the floor
             out[channel_column(DISTANCE, c)] = band(leave_one_out_distances(ref, c) or [0.0], RULES[DISTANCE])
             for m in ("core_skew", "autocorr", "zero_share", "bias_field"):
-                values = [v for v in ref.values[channel_column(m, c)] if v is not None and math.isfinite(v)]
-                if values:  # none: not measured (CT, or a reference written before the measure existed)
-                    out[channel_column(m, c)] = band(values, RULES[m])
+                if _measured(ref, channel_column(m, c)):  # not: CT, or a reference older than the measure
+                    out[channel_column(m, c)] = band(ref.values[channel_column(m, c)], RULES[m])
     return out
 
 
@@ -329,9 +333,7 @@ def not_checked(model: ModelInfo, ref: Reference | None) -> list[str]:
         if model.reader == REORIENTING_READER:
             out = ["orientation (the model's reader reorients every image to RAS)"]
         for c in range(model.n_channels):
-            column = channel_column("bias_field", c)
-            measured = [v for v in ref.values.get(column, []) if v is not None and math.isfinite(v)]
-            if not measured and model.normalization[c] not in NO_FIELD_SCHEMES:
+            if not _measured(ref, channel_column("bias_field", c)) and model.normalization[c] not in NO_FIELD_SCHEMES:
                 out.append(f"bias_field of channel {c:04d} (the training reference predates this measure: "
                            "measure the training images again with --training-images)")
     return out

@@ -121,10 +121,9 @@ def lag1_autocorrelation(image: np.ndarray, mask: np.ndarray) -> float:
     return float(np.mean(out)) if out else float("nan")
 
 
-def intensity_measures(raw: np.ndarray, normalised: np.ndarray, spacing) -> tuple[dict[str, float], list[float]]:
-    """Distribution of the normalised image inside the head mask of the raw one (both cropped), and
+def intensity_measures(head: np.ndarray, normalised: np.ndarray, spacing) -> tuple[dict[str, float], list[float]]:
+    """Distribution of the normalised image inside the head mask (of the raw image; both cropped), and
     its PROFILE_QUANTILES (the whole distribution, for the distance to the training images)."""
-    head = head_mask(raw)
     v = normalised[head]
     q = np.percentile(v, QUANTILES)
     out = {"z_p01": float(q[0]), "z_p50": float(q[1]), "z_p99": float(q[2]),
@@ -137,10 +136,10 @@ def channel_measures(full: np.ndarray, box, nonzero: np.ndarray, spacing, scheme
                      foreground: dict) -> tuple[dict[str, float], list[float]]:
     """Every per-channel measure of one channel (uncropped array ``full``) and its quantile profile."""
     cropped = full[box]
-    out, profile = intensity_measures(cropped, normalise(cropped, scheme, use_mask, nonzero, foreground), spacing)
+    head = head_mask(cropped)
+    out, profile = intensity_measures(head, normalise(cropped, scheme, use_mask, nonzero, foreground), spacing)
     # a multiplicative field is an MR artefact; CT numbers and RGB images have none
-    field = (log_field_spread(cropped, head_mask(cropped), spacing) if scheme not in NO_FIELD_SCHEMES
-             else float("nan"))
+    field = log_field_spread(cropped, head, spacing) if scheme not in NO_FIELD_SCHEMES else float("nan")
     return {"zero_share": float((full == 0).mean()), **out, "bias_field": field}, profile
 
 
