@@ -181,17 +181,17 @@ def score(scans: pd.DataFrame, pred: Path) -> pd.DataFrame:
     return pd.DataFrame(rows).drop(columns=["Index", "label"])
 
 
-def input_checks(scans_dir: Path, model: Path, training_images: Path, out: Path, env: dict, log: Path) -> pd.DataFrame:
+def input_checks(scans_dir: Path, model: Path, training_images: Path, out: Path, env: dict,
+                 log: Path) -> tuple[pd.DataFrame, float]:
     """What ``nnunet-pvs check-inputs`` says of every scan before prediction: verdict, failed checks and
-    the bias-field measure (the command as a user types it, training images given explicitly)."""
+    the bias-field measure (the command as a user types it, training images given explicitly), and its
+    wall time in seconds."""
     from nnunet_pvs.input_check import read_qc
 
     shutil.rmtree(out, ignore_errors=True)
     timing = run_logged([BIN / "nnunet-pvs", "check-inputs", "-i", scans_dir, "-m", model, "-o", out,
                          "--training-images", training_images, "--quiet"], env, log)
-    qc = read_qc(out)[["case", "verdict", "failed_checks", "bias_field_0000"]]
-    qc.attrs["wall_s"] = timing["wall_s"]
-    return qc
+    return read_qc(out)[["case", "verdict", "failed_checks", "bias_field_0000"]], timing["wall_s"]
 
 
 def flag_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -319,7 +319,7 @@ def report(df: pd.DataFrame, res: dict, args, model: Path, timing: dict) -> list
         shifted = df[df["shift"] != "in-domain"]
         lines += ["", "## Before prediction: what `nnunet-pvs check-inputs` says of the same scans", "",
                   f"`nnunet-pvs check-inputs -i SCANS -m MODEL --training-images {args.test_raw / 'imagesTr'}` "
-                  f"({df.attrs.get('qc_wall_s', math.nan):.0f} s for {len(df)} scans and the training images). "
+                  f"({timing['check_inputs_wall_s']:.0f} s for {len(df)} scans and the training images). "
                   f"Flagged (warn or refuse): {int((shifted['verdict'] != 'ok').sum())} of {len(shifted)} shifted "
                   f"scans; in-domain scans passed: {int((df.loc[df['shift'] == 'in-domain', 'verdict'] == 'ok').sum())}"
                   f" of {int((df['shift'] == 'in-domain').sum())}. Bias field: the std of the fitted log field "
@@ -403,10 +403,9 @@ def main() -> int:
         timing_file.write_text(json.dumps(timing))
     df = score(scans, pred)
     if not args.no_input_check:
-        qc = input_checks(scans_dir, model, args.test_raw / "imagesTr", run_dir / "inputs_qc", env,
-                          logs / f"check_inputs_{args.name}.log")
+        qc, timing["check_inputs_wall_s"] = input_checks(scans_dir, model, args.test_raw / "imagesTr",
+                                                         run_dir / "inputs_qc", env, logs / f"check_inputs_{args.name}.log")
         df = df.merge(qc, on="case", how="left")
-        df.attrs["qc_wall_s"] = qc.attrs["wall_s"]
     res = analyse(df)
 
     from nnunet_pvs.staging import write_text_atomic
